@@ -1,0 +1,109 @@
+"""ResNet backbones returning C3, C4, C5 (strides 8, 16, 32).
+
+Built from torchvision's ResNet constructors. ``weights`` may be None (random
+init), the name of a torchvision weights enum member (``"ResNet50_Weights.IMAGENET1K_V1"``,
+loaded through torchvision's own download/cache machinery), or a path to a local
+``.pth`` file holding a ResNet state dict (``fc.*`` keys are ignored).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+log = logging.getLogger(__name__)
+
+RESNETS = {
+    "resnet18": (models.resnet18, (128, 256, 512)),
+    "resnet34": (models.resnet34, (128, 256, 512)),
+    "resnet50": (models.resnet50, (512, 1024, 2048)),
+    "resnet101": (models.resnet101, (512, 1024, 2048)),
+}
+NORMS = ("frozen_bn", "bn", "gn")
+STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")  # stem counts as stage 1
+
+
+def _norm_layer(norm: str, gn_groups: int = 32):
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(min(gn_groups, channels), channels)
+    raise ValueError(f"model.backbone.norm={norm!r} is not one of {NORMS}")
+
+
+def load_backbone_weights(weights: str) -> dict[str, torch.Tensor]:
+    """Return a ResNet state dict from a local file or a torchvision enum name."""
+    if os.path.exists(weights):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if not isinstance(state, dict):
+            raise ValueError(f"backbone weights file {weights!r} does not hold a state dict")
+        return state
+    if "." in weights and "_Weights" in weights:
+        try:
+            enum = models.get_weight(weights)
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"model.backbone.weights={weights!r}: unknown torchvision weights enum") from err
+        return enum.get_state_dict(progress=True)
+    raise FileNotFoundError(
+        f"model.backbone.weights={weights!r}: no such file, and not a torchvision weights name "
+        "like 'ResNet50_Weights.IMAGENET1K_V1'"
+    )
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet trunk that returns ``[C3, C4, C5]``.
+
+    Args:
+        depth: one of resnet18 / resnet34 / resnet50 / resnet101.
+        weights: None, torchvision weights enum name, or local path.
+        norm: ``frozen_bn`` (statistics and affine fixed), ``bn`` or ``gn``.
+        frozen_stages: number of leading stages (stem, layer1, ...) with
+            ``requires_grad=False``; 0 trains everything, 5 freezes everything.
+    """
+
+    def __init__(self, depth: str = "resnet50", weights: str | None = None, norm: str = "frozen_bn",
+                 frozen_stages: int = 2, gn_groups: int = 32):
+        super().__init__()
+        if depth not in RESNETS:
+            raise ValueError(f"model.backbone.depth={depth!r} is not one of {sorted(RESNETS)}")
+        if not 0 <= frozen_stages <= 5:
+            raise ValueError(f"model.backbone.frozen_stages={frozen_stages} must be within 0..5")
+        ctor, self.out_channels = RESNETS[depth]
+        net = ctor(weights=None, norm_layer=_norm_layer(norm, gn_groups))
+        if weights:
+            state = {k: v for k, v in load_backbone_weights(weights).items() if not k.startswith("fc.")}
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise ValueError(f"backbone weights {weights!r} do not fit {depth}: {str(err)[:300]}") from None
+            missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"backbone weights {weights!r} do not fit {depth}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+            log.info("backbone %s initialised from %s", depth, weights)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        for name in STAGES[:frozen_stages]:
+            modules = [self.conv1, self.bn1] if name == "conv1" else [getattr(self, name)]
+            for module in modules:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]
+

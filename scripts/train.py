@@ -1,0 +1,36 @@
+"""Train a RetinaNet: `python scripts/train.py [group=preset ...] [key=value ...]`.
+
+Examples:
+    python scripts/train.py                                  # embedded shapes dataset, CPU preset
+    python scripts/train.py trainer.epochs=3 optim.lr=0.005
+    python scripts/train.py data=coco data.root=/datasets/coco model=retinanet_r50 optim=sgd schedule=multistep
+    python scripts/train.py -m loss.gamma=0,1,2 loss.alpha=0.25,0.5   # sweep (Hydra multirun)
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from retinanet.errors import UserError  # noqa: E402
+from retinanet.trainer import run  # noqa: E402
+
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Shared fixtures: composed Hydra configs and a tiny generated dataset (built once per session)."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
+
+
+def compose_train(overrides=()):
+    """The training config as `scripts/train.py` would see it with these overrides."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """A small embedded-style dataset (48 train / 16 val images)."""
+    from retinanet.data.shapes import ensure_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    ensure_shapes_dataset(root, num_train=48, num_val=16, seed=1, workers=1)
+    return root
+
+
+def tiny_train_overrides(root: Path, out_epochs: int = 2) -> list[str]:
+    """Overrides for a fast CPU run on ``tiny_shapes``."""
+    return [
+        f"data.root={root}", "data.generate.num_train=48", "data.generate.num_val=16", "data.generate.seed=1",
+        "data.min_size=128", "data.max_size=128", f"trainer.epochs={out_epochs}", "trainer.batch_size=8",
+        "trainer.eval_batch_size=16", "trainer.num_workers=0", "trainer.progress=false", "trainer.log_every=1",
+        "model.net.fpn_channels=32", "model.net.head_width=32", "model.net.head_depth=2",
+        "schedule.warmup_steps=2", "data.generate.workers=1",
+    ]

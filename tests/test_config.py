@@ -1,0 +1,65 @@
+"""Config composition and validation: mistakes are reported by key and value before any work."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError
+
+from conftest import ROOT, compose_train
+from retinanet.config import validate_train_config
+from retinanet.errors import ConfigError
+
+
+def test_default_config_is_valid():
+    cfg = compose_train()
+    validate_train_config(cfg)
+    assert cfg.data.name == "shapes" and cfg.model.net.backbone == "resnet18"
+
+
+@pytest.mark.parametrize("preset", ["retinanet_r50", "retinanet_r101", "retinanet_r18_cpu"])
+def test_model_presets_compose(preset):
+    cfg = compose_train([f"model={preset}", "optim=sgd", "schedule=multistep"])
+    validate_train_config(cfg)
+    assert cfg.model.name == preset
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+    ("optim.lr=-1", "optim.lr=-1 must be > 0"),
+    ("optim.lr=abc", "optim.lr='abc' must be a number"),
+    ("trainer.precision=8", "trainer.precision"),
+    ("model.net.backbone=resnet19", "model.net.backbone='resnet19'"),
+    ("loss.alpha=1.5", "loss.alpha=1.5"),
+    ("loss.matcher.bg_iou=0.6", "loss.matcher.bg_iou=0.6 must be <="),
+    ("device=tpu", "device='tpu'"),
+    ("data.size_divisible=100", "data.size_divisible=100 must be a multiple of 32"),
+])
+def test_bad_values_name_key_and_value(override, message):
+    cfg = compose_train([override])
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(cfg)
+    assert message in str(err.value)
+
+
+def test_mandatory_paths_are_reported():
+    cfg = compose_train(["data=coco"])
+    with pytest.raises(ConfigError, match="data.root is mandatory"):
+        validate_train_config(cfg)
+    cfg = compose_train(["data=coco", "data.root=/nonexistent/coco"])
+    with pytest.raises(ConfigError, match="/nonexistent/coco/annotations/instances_train2017.json"):
+        validate_train_config(cfg)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises((ConfigCompositionException, ConfigAttributeError), match="optim.lrr"):
+        compose_train(["optim.lrr=0.1"])
+
+
+def test_train_script_reports_bad_override_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "trainer.epochs=0",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "trainer.epochs=0 must be >= 1" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

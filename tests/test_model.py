@@ -1,0 +1,77 @@
+"""Model: shapes, prior initialisation, frozen stages, weight loading, FPN variants."""
+
+import pytest
+import torch
+import torchvision
+
+from retinanet.model import RetinaNet
+from retinanet.model.backbone import ResNetBackbone
+
+
+def tiny(**kw):
+    args = dict(num_classes=3, backbone="resnet18", norm="bn", frozen_stages=0, fpn_channels=32,
+                head_width=32, head_depth=2)
+    args.update(kw)
+    return RetinaNet(**args)
+
+
+def test_output_shapes_cover_p3_to_p7():
+    model = tiny().eval()
+    out = model(torch.zeros(2, 3, 128, 256, dtype=torch.uint8))
+    assert out.feature_shapes == [(16, 32), (8, 16), (4, 8), (2, 4), (1, 2)]
+    a_total = 9 * sum(h * w for h, w in out.feature_shapes)
+    assert out.cls_logits.shape == (2, a_total, 3)
+    assert out.box_deltas.shape == (2, a_total, 4)
+
+
+def test_prior_probability_initialisation():
+    model = tiny().eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8))
+    p = out.cls_logits.sigmoid()
+    # the weights start with std 0.01, so every probability is close to the prior
+    assert abs(p.mean().item() - 0.01) < 2e-3
+
+
+def test_uint8_and_float_inputs_agree():
+    model = tiny().eval()
+    x = torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        a = model(x).cls_logits
+        b = model(x.float() / 255).cls_logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_stages_have_no_gradients():
+    bb = ResNetBackbone("resnet18", norm="frozen_bn", frozen_stages=2)
+    assert not any(p.requires_grad for p in bb.conv1.parameters())
+    assert not any(p.requires_grad for p in bb.layer1.parameters())
+    assert all(p.requires_grad for p in bb.layer2.parameters())
+
+
+def test_backbone_weights_from_local_file(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    bb = ResNetBackbone("resnet18", weights=str(path), norm="bn", frozen_stages=0)
+    torch.testing.assert_close(bb.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+
+
+def test_backbone_weights_errors_name_the_value(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_file.pth"):
+        ResNetBackbone("resnet18", weights=str(tmp_path / "no_such_file.pth"))
+    with pytest.raises(ValueError, match="ResNet18_Weights.NOPE"):
+        ResNetBackbone("resnet18", weights="ResNet18_Weights.NOPE")
+    path = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    with pytest.raises(ValueError, match="do not fit resnet18"):
+        ResNetBackbone("resnet18", weights=str(path))
+    with pytest.raises(ValueError, match="resnet19"):
+        ResNetBackbone("resnet19")
+
+
+def test_p6_source_changes_extra_level_input():
+    c5 = tiny(p6_from="c5")
+    p5 = tiny(p6_from="p5")
+    assert c5.fpn.extra[0].in_channels == 512
+    assert p5.fpn.extra[0].in_channels == 32

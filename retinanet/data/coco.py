@@ -1,10 +1,26 @@
 """COCO-format detection dataset: validated JSON in, RGB image + xyxy boxes + contiguous labels out.
 
-The annotation file is read once with ``json``, checked (a ``DatasetError`` names the file, the
-record and the field on any mistake), then indexed by pycocotools (``self.coco``, used for
-evaluation). Boxes are converted xywh -> xyxy once at construction: non-finite, zero / negative
-size and entirely-outside boxes are dropped, boxes partly outside their image are clipped, and
-one warning summarises the counts. Labels are 0..K-1 in order of sorted category id.
+The annotation file is read once with ``json`` and checked; pycocotools then indexes the checked
+records (``self.coco``, used for evaluation). Labels are 0..K-1 in order of sorted category id.
+
+Bad input and ``on_error``:
+
+- always fatal (nothing sensible to skip): a missing or unreadable annotation file, malformed
+  JSON, a wrong top-level structure, a bad category record, a missing image folder;
+- ``on_error="raise"`` (default): any bad image or annotation record (missing field, duplicate
+  id, unknown image or category, malformed bbox, ``file_name`` escaping the image folder), a
+  missing image file (checked when the dataset is built) and an unreadable, truncated or
+  wrongly sized image (found when it is loaded) raise a ``DatasetError`` / ``ImageReadError``
+  naming the file, the record, the field and the value;
+- ``on_error="skip"``: such records are dropped with one warning per reason (count and first
+  example) when the dataset is built, and such images are skipped when loaded: the dataset
+  returns the next readable image (``skip_policy="replace"``, training) or a ``{"skipped": True}``
+  marker that the loader's collate drops (``skip_policy="drop"``, evaluation). Load-time skips
+  are flagged in shared memory (visible across DataLoader workers) and ``report_skipped()``
+  logs them at the end of each pass.
+
+Boxes (both modes): non-finite, zero / negative size and entirely-outside boxes are dropped,
+boxes partly outside their image are clipped, and one warning summarises the counts.
 """
 
 from __future__ import annotations
@@ -19,8 +35,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from retinanet.data.image_io import load_rgb
-from retinanet.errors import UserError
+from retinanet.data.image_io import ImageReadError, load_rgb
+from retinanet.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +45,10 @@ REQUIRED_FIELDS = {
     "annotations": ("id", "image_id", "category_id", "bbox"),
     "categories": ("id", "name"),
 }
+ON_ERROR = ("raise", "skip")
+SKIP_POLICIES = ("replace", "drop")
+_UNREADABLE, _WRONG_SIZE = 1, 2  # load-time failure codes kept in shared memory
+_FAILURE_NAMES = {_UNREADABLE: "unreadable", _WRONG_SIZE: "size differs from the annotation file"}
 
 
 class DatasetError(UserError):
@@ -43,8 +63,33 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def read_coco_json(ann_file: str) -> dict:
-    """Load and structurally validate a COCO detection JSON (raises DatasetError)."""
+def check_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error={on_error!r} must be one of {list(ON_ERROR)}")
+    return on_error
+
+
+class Problems:
+    """Bad records of one file: raised at once (``raise``) or counted per reason (``skip``)."""
+
+    def __init__(self, source: str, on_error: str = "raise"):
+        self.source, self.on_error = source, check_on_error(on_error)
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+
+    def __call__(self, reason: str, message: str) -> None:
+        message = f"{self.source}: {message}"
+        if self.on_error == "raise":
+            raise DatasetError(message)
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.examples.setdefault(reason, message)
+
+    def warn(self) -> None:
+        for reason, n in self.counts.items():
+            log.warning("data.on_error=skip: skipped %d %s; first: %s", n, reason, self.examples[reason])
+
+
+def _load_json(ann_file: str) -> dict:
     if not os.path.isfile(ann_file):
         raise DatasetError(f"annotation file not found: {ann_file}")
     try:
@@ -61,57 +106,120 @@ def read_coco_json(ann_file: str) -> dict:
     if missing:
         raise DatasetError(f"{ann_file}: missing top-level key(s) {missing} (a COCO detection file has "
                            f"{list(REQUIRED_FIELDS)})")
-    for key, fields in REQUIRED_FIELDS.items():
+    for key in REQUIRED_FIELDS:
         if not isinstance(data[key], list):
             raise DatasetError(f"{ann_file}: '{key}' must be a list, got {type(data[key]).__name__}")
-        seen = set()
-        for i, rec in enumerate(data[key]):
-            if not isinstance(rec, dict):
-                raise DatasetError(f"{ann_file}: {key}[{i}] must be an object, got {str(rec)[:60]!r}")
-            absent = [f for f in fields if f not in rec]
-            if absent:
-                raise DatasetError(f"{ann_file}: {key}[{i}] (id={rec.get('id')!r}) is missing field(s) {absent}")
-            if not _is_int(rec["id"]):
-                raise DatasetError(f"{ann_file}: {key}[{i}] field 'id' must be an integer, got {rec['id']!r}")
-            if rec["id"] in seen:
-                raise DatasetError(f"{ann_file}: {key}[{i}] has a duplicate id {rec['id']} (ids must be unique in "
-                                   f"'{key}')")
-            seen.add(rec["id"])
-    _check_records(ann_file, data)
     return data
 
 
-def _check_records(ann_file: str, data: dict) -> None:
-    for i, img in enumerate(data["images"]):
-        where = f"{ann_file}: images[{i}] (id={img['id']})"
-        for field in ("width", "height"):
-            if not _is_number(img[field]) or img[field] <= 0:
-                raise DatasetError(f"{where} field '{field}' must be a positive number, got {img[field]!r}")
-        name = img["file_name"]
-        if not isinstance(name, str) or not name:
-            raise DatasetError(f"{where} field 'file_name' must be a non-empty string, got {name!r}")
-        norm = os.path.normpath(name)
-        if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
-            raise DatasetError(f"{where} field 'file_name'={name!r} points outside the image folder; "
-                               "file names must be relative paths inside it")
-    for i, cat in enumerate(data["categories"]):
+def _shaped_records(key: str, records: list, problems: Problems) -> list[dict]:
+    """Records that are objects with every required field and an integer id (others reported)."""
+    kept = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            problems(f"{key} that are not objects", f"{key}[{i}] must be an object, got {str(rec)[:60]!r}")
+            continue
+        absent = [f for f in REQUIRED_FIELDS[key] if f not in rec]
+        if absent:
+            problems(f"{key} with missing fields", f"{key}[{i}] (id={rec.get('id')!r}) is missing field(s) {absent}")
+        elif not _is_int(rec["id"]):
+            problems(f"{key} with a non-integer id", f"{key}[{i}] field 'id' must be an integer, got {rec['id']!r}")
+        else:
+            kept.append({**rec, "_index": i})
+    return kept
+
+
+def _unique(key: str, records: list[dict], problems: Problems, drop_all: bool) -> list[dict]:
+    """Records with a unique id; a repeated id drops the later records (or all of them: ``drop_all``)."""
+    seen, dup = set(), set()
+    for rec in records:
+        if rec["id"] in seen:
+            dup.add(rec["id"])
+            problems(f"{key} with a duplicate id", f"{key}[{rec['_index']}] has a duplicate id {rec['id']} "
+                                                   f"(ids must be unique in '{key}')")
+        seen.add(rec["id"])
+    if not dup:
+        return records
+    first = {}
+    for rec in records:
+        first.setdefault(rec["id"], rec["_index"])
+    return [r for r in records if r["id"] not in dup or (not drop_all and first[r["id"]] == r["_index"])]
+
+
+def _image_problem(img: dict) -> tuple[str, str] | None:
+    where = f"images[{img['_index']}] (id={img['id']})"
+    for field in ("width", "height"):
+        if not _is_number(img[field]) or img[field] <= 0:
+            return "images with a bad size", f"{where} field '{field}' must be a positive number, got {img[field]!r}"
+    name = img["file_name"]
+    if not isinstance(name, str) or not name:
+        return "images with a bad file_name", f"{where} field 'file_name' must be a non-empty string, got {name!r}"
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return "images outside the image folder", (f"{where} field 'file_name'={name!r} points outside the image "
+                                                   "folder; file names must be relative paths inside it")
+    return None
+
+
+def _annotation_problem(ann: dict, image_ids: set, dropped_images: set, cat_ids: set) -> tuple[str, str] | None:
+    where = f"annotations[{ann['_index']}] (id={ann['id']})"
+    if _is_int(ann["image_id"]) and ann["image_id"] in dropped_images:
+        return "annotations of skipped images", f"{where} belongs to skipped image id {ann['image_id']}"
+    if not _is_int(ann["image_id"]) or ann["image_id"] not in image_ids:
+        return ("annotations of unknown images",
+                f"{where} field 'image_id'={ann['image_id']!r} is not the id of any image")
+    if not _is_int(ann["category_id"]) or ann["category_id"] not in cat_ids:
+        return ("annotations of unknown categories",
+                f"{where} field 'category_id'={ann['category_id']!r} is not one of the categories {sorted(cat_ids)}")
+    bbox = ann["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        return ("annotations with a malformed bbox",
+                f"{where} field 'bbox'={bbox!r} must be a list of 4 numbers [x, y, width, height]")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        return "annotations with a bad iscrowd", f"{where} field 'iscrowd'={ann['iscrowd']!r} must be 0 or 1"
+    return None
+
+
+def _check_categories(ann_file: str, categories: list) -> list[dict]:
+    """Categories are always checked strictly: the label map depends on every one of them."""
+    cats = _unique("categories", _shaped_records("categories", categories, Problems(ann_file)), Problems(ann_file),
+                   drop_all=False)
+    for cat in cats:
         if not isinstance(cat["name"], str):
-            raise DatasetError(f"{ann_file}: categories[{i}] (id={cat['id']}) field 'name' must be a string, "
-                               f"got {cat['name']!r}")
-    image_ids = {img["id"] for img in data["images"]}
-    cat_ids = {cat["id"] for cat in data["categories"]}
-    for i, ann in enumerate(data["annotations"]):
-        where = f"{ann_file}: annotations[{i}] (id={ann['id']})"
-        if ann["image_id"] not in image_ids:
-            raise DatasetError(f"{where} field 'image_id'={ann['image_id']!r} is not the id of any image")
-        if ann["category_id"] not in cat_ids:
-            raise DatasetError(f"{where} field 'category_id'={ann['category_id']!r} is not one of the "
-                               f"categories {sorted(cat_ids)}")
-        bbox = ann["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise DatasetError(f"{where} field 'bbox'={bbox!r} must be a list of 4 numbers [x, y, width, height]")
-        if ann.get("iscrowd", 0) not in (0, 1):
-            raise DatasetError(f"{where} field 'iscrowd'={ann['iscrowd']!r} must be 0 or 1")
+            raise DatasetError(f"{ann_file}: categories[{cat['_index']}] (id={cat['id']}) field 'name' must be a "
+                               f"string, got {cat['name']!r}")
+    return cats
+
+
+def read_coco_json(ann_file: str, on_error: str = "raise", problems: Problems | None = None) -> dict:
+    """Load and validate a COCO detection JSON; bad image / annotation records raise or go to ``problems``.
+
+    Returns the data with only the valid records.
+    """
+    problems = problems if problems is not None else Problems(ann_file, on_error)
+    data = _load_json(ann_file)
+    cats = _check_categories(ann_file, data["categories"])
+    shaped = _shaped_records("images", data["images"], problems)
+    images = []
+    for img in _unique("images", shaped, problems, drop_all=True):
+        bad = _image_problem(img)
+        if bad:
+            problems(*bad)
+        else:
+            images.append(img)
+    dropped = {r["id"] for r in data["images"] if isinstance(r, dict) and _is_int(r.get("id"))} - {
+        img["id"] for img in images}
+    image_ids, cat_ids = {img["id"] for img in images}, {c["id"] for c in cats}
+    anns = []
+    for ann in _unique("annotations", _shaped_records("annotations", data["annotations"], problems), problems,
+                       drop_all=False):
+        bad = _annotation_problem(ann, image_ids, dropped, cat_ids)
+        if bad:
+            problems(*bad)
+        else:
+            anns.append(ann)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "_index"} for r in recs]  # noqa: E731
+    return {**data, "images": strip(images), "annotations": strip(anns), "categories": strip(cats)}
 
 
 def clean_boxes(xywh: np.ndarray, image_wh: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -129,11 +237,26 @@ def clean_boxes(xywh: np.ndarray, image_wh: np.ndarray) -> tuple[np.ndarray, np.
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """COCO-format dataset; ``transform(image, boxes, labels, crowd)`` as in ``transforms.DetectionTransform``."""
+    """COCO-format dataset; ``transform(image, boxes, labels, crowd)`` as in ``transforms.DetectionTransform``.
 
-    def __init__(self, ann_file, img_dir, transform=None):
+    ``on_error`` and ``skip_policy``: see the module docstring. ``skipped`` counts the records
+    dropped when the dataset was built (per reason); ``load_skipped`` counts images skipped at
+    load time over all passes reported so far.
+    """
+
+    def __init__(self, ann_file, img_dir, transform=None, on_error: str = "raise", skip_policy: str = "replace"):
         self.ann_file, self.img_dir, self.transform = os.fspath(ann_file), os.fspath(img_dir), transform
-        data = read_coco_json(self.ann_file)
+        self.on_error = check_on_error(on_error)
+        if skip_policy not in SKIP_POLICIES:
+            raise ValueError(f"skip_policy={skip_policy!r} must be one of {list(SKIP_POLICIES)}")
+        self.skip_policy = skip_policy
+        problems = Problems(self.ann_file, on_error)
+        data = read_coco_json(self.ann_file, problems=problems)
+        if not os.path.isdir(self.img_dir):
+            raise DatasetError(f"image folder not found: {self.img_dir} (images of {self.ann_file})")
+        data = self._drop_missing_files(data, problems)
+        problems.warn()
+        self.skipped = dict(problems.counts)
         for ann in data["annotations"]:  # pycocotools' COCOeval needs both
             ann.setdefault("iscrowd", 0)
             ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
@@ -150,21 +273,36 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_ids = [img["id"] for img in images]
         self._file_names = [img["file_name"] for img in images]
         self._sizes = np.array([[img["height"], img["width"]] for img in images], dtype=np.int64).reshape(-1, 2)
-        self._check_files()
         self._index_boxes(data["annotations"])
         self._exif_warned = False
+        # one flag per image, in shared memory so that DataLoader workers' skips are seen here
+        self._failed = torch.zeros(len(images), dtype=torch.uint8).share_memory_() if on_error == "skip" else None
+        self._failure_logged = False
+        self.load_skipped = 0
 
     @property
     def num_classes(self) -> int:
         return len(self.label_to_cat_id)
 
-    def _check_files(self) -> None:
-        if not os.path.isdir(self.img_dir):
-            raise DatasetError(f"image folder not found: {self.img_dir} (images of {self.ann_file})")
-        missing = [f for f in self._file_names if not os.path.exists(os.path.join(self.img_dir, f))]
-        if missing:
-            raise DatasetError(f"{len(missing)} of {len(self._file_names)} images listed in {self.ann_file} are "
-                               f"missing from {self.img_dir}, e.g. {missing[:5]}")
+    def _drop_missing_files(self, data: dict, problems: Problems) -> dict:
+        """The validation pass over image files (``os.path.exists`` only: cheap even for COCO)."""
+        missing = [img for img in data["images"] if not os.path.exists(os.path.join(self.img_dir, img["file_name"]))]
+        if not missing:
+            return data
+        if self.on_error == "raise":
+            names = [img["file_name"] for img in missing[:5]]
+            raise DatasetError(f"{len(missing)} of {len(data['images'])} images listed in {self.ann_file} are "
+                               f"missing from {self.img_dir}, e.g. {names} (data.on_error=skip leaves them out)")
+        for img in missing:
+            problems("images whose file is missing", f"image id {img['id']}: field 'file_name'={img['file_name']!r} "
+                                                     f"not found in {self.img_dir}")
+        gone = {img["id"] for img in missing}
+        anns = [a for a in data["annotations"] if a["image_id"] not in gone]
+        for a in data["annotations"]:
+            if a["image_id"] in gone:
+                problems("annotations of images whose file is missing",
+                         f"annotation id {a['id']} belongs to image id {a['image_id']}")
+        return {**data, "images": [img for img in data["images"] if img["id"] not in gone], "annotations": anns}
 
     def _index_boxes(self, anns: list) -> None:
         """Per-image boxes as flat arrays sorted by image, with offsets (cheap to share with workers)."""
@@ -181,6 +319,7 @@ class CocoDetection(torch.utils.data.Dataset):
             log.warning("%s: dropped %d of %d boxes (%s%s); clipped %d boxes partly outside their image",
                         self.ann_file, dropped, len(anns), reasons or "none",
                         f"; e.g. annotation id {example}" if dropped else "", counts["clipped"])
+        self.box_counts = {"total": len(anns), "dropped": dropped, **counts}
         order = np.argsort(img_idx[keep], kind="stable")
         self._boxes = boxes[keep][order].astype(np.float32)
         self._labels, self._crowd = labels[keep][order], crowd[keep][order]
@@ -191,13 +330,34 @@ class CocoDetection(torch.utils.data.Dataset):
         """Non-crowd boxes per label [K] (after dropping degenerate boxes)."""
         return np.bincount(self._labels[~self._crowd], minlength=self.num_classes).astype(np.int64)
 
+    def boxes_per_image(self) -> np.ndarray:
+        """Non-crowd boxes per image [N] (after dropping degenerate boxes)."""
+        image_of_box = np.repeat(np.arange(len(self)), np.diff(self._offsets))  # [num boxes]
+        return np.bincount(image_of_box[~self._crowd], minlength=len(self)).astype(np.int64)
+
+    def crowd_count(self) -> int:
+        return int(self._crowd.sum())
+
+    def annotations(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes xyxy [N, 4] (original pixels), labels [N] and crowd [N] of image ``i``, without loading it."""
+        lo, hi = self._offsets[i], self._offsets[i + 1]
+        return self._boxes[lo:hi].copy(), self._labels[lo:hi].copy(), self._crowd[lo:hi].copy()
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(h, w) of image ``i`` as given in the annotation file."""
+        return int(self._sizes[i, 0]), int(self._sizes[i, 1])
+
+    def image_path(self, i: int) -> str:
+        return os.path.join(self.img_dir, self._file_names[i])
+
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _load_image(self, i: int) -> np.ndarray:
-        path = os.path.join(self.img_dir, self._file_names[i])
+    def load_image(self, i: int) -> np.ndarray:
+        """Image ``i`` as RGB uint8 [H, W, 3], oriented like its annotations (no transform)."""
+        path = self.image_path(i)
         image = load_rgb(path)
-        h, w = (int(v) for v in self._sizes[i])
+        h, w = self.image_size(i)
         if image.shape[:2] != (h, w):
             raw = load_rgb(path, exif=False)
             if raw.shape[:2] != (h, w):
@@ -210,16 +370,52 @@ class CocoDetection(torch.utils.data.Dataset):
             image = raw
         return image
 
-    def __getitem__(self, i: int) -> dict:
-        image = self._load_image(i)
+    def _sample(self, i: int) -> dict:
+        image = self.load_image(i)
         orig_h, orig_w = image.shape[:2]
-        lo, hi = self._offsets[i], self._offsets[i + 1]
-        boxes, labels, crowd = self._boxes[lo:hi].copy(), self._labels[lo:hi].copy(), self._crowd[lo:hi].copy()
+        boxes, labels, crowd = self.annotations(i)
         if self.transform is not None:
             image, boxes, labels, crowd = self.transform(image, boxes, labels, crowd)
         return {"image": image, "boxes": boxes, "labels": labels, "crowd": crowd, "image_id": int(self.image_ids[i]),
                 "orig_size": (orig_h, orig_w), "scale": (image.shape[0] / orig_h, image.shape[1] / orig_w)}
 
+    def __getitem__(self, i: int) -> dict:
+        if self.on_error == "raise":
+            return self._sample(i)
+        for attempt in range(len(self)):
+            j = (i + attempt) % len(self)
+            try:
+                return self._sample(j)
+            except (ImageReadError, DatasetError) as err:
+                self._note_failure(j, err)
+                if self.skip_policy == "drop":
+                    return {"skipped": True, "image_id": int(self.image_ids[j])}
+        raise DatasetError(f"none of the {len(self)} images of {self.ann_file} in {self.img_dir} can be read")
+
+    def _note_failure(self, i: int, err: Exception) -> None:
+        self._failed[i] = _UNREADABLE if isinstance(err, ImageReadError) else _WRONG_SIZE
+        level = logging.DEBUG if self._failure_logged else logging.WARNING  # once per process, the rest at the end
+        log.log(level, "data.on_error=skip: skipping image id %d: %s", self.image_ids[i], err)
+        self._failure_logged = True
+
+    def report_skipped(self) -> list[str]:
+        """Log (and forget) the images skipped at load time since the last call; returns their file names.
+
+        Called by the loader (``retinanet.data.build``) when a pass over the data ends.
+        """
+        if self._failed is None:
+            return []
+        failed = torch.nonzero(self._failed).flatten().tolist()
+        if not failed:
+            return []
+        names = [self._file_names[i] for i in failed]
+        listed = ", ".join(f"{self._file_names[i]} ({_FAILURE_NAMES[int(self._failed[i])]})" for i in failed[:10])
+        log.warning("data.on_error=skip: %d of %d images of %s could not be loaded in this pass and were skipped: "
+                    "%s%s", len(failed), len(self), self.ann_file, listed, " ..." if len(failed) > 10 else "")
+        self.load_skipped += len(failed)
+        self._failed.zero_()
+        return names
+
     def __repr__(self) -> str:
         return (f"CocoDetection({self.ann_file!r}, {len(self)} images, {len(self._boxes)} boxes, "
-                f"{self.num_classes} classes, transform={self.transform!r})")
+                f"{self.num_classes} classes, on_error={self.on_error!r}, transform={self.transform!r})")

@@ -17,6 +17,11 @@ from PIL import Image, ImageOps
 from retinanet.errors import UserError
 
 
+# file extensions taken as images when a folder is searched (decoding itself goes by content)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm")
+
+
 class ImageReadError(UserError):
     """An image file is missing, truncated, corrupt or in a mode we cannot convert; names the file."""
 

@@ -1,0 +1,200 @@
+"""Dataset statistics and anchor coverage: what to look at when mAP stays at 0 on your data.
+
+- counts: images, images without boxes, boxes per class, crowd (ignore) boxes, dropped boxes;
+- box sizes (``sqrt(w * h)`` after the training resize, the scale the anchors see) and aspect ratios;
+- anchor coverage: for every non-crowd box, does the configured matcher give it at least one
+  positive anchor, does some anchor reach IoU >= ``fg_iou`` on its own (without the low-quality
+  rule, which matches almost anything at a poor IoU), and what is its best anchor IoU, by size bucket.
+  Anchors and feature shapes are computed for the padded, resized image as in training;
+- a per-class focal-loss alpha suggested from the class frequencies (``loss.alpha=auto`` uses the same rule).
+
+Nothing is decoded for the statistics: sizes come from the annotation file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retinanet.boxes import pairwise_iou
+from retinanet.data.coco import DatasetError
+from retinanet.data.image_io import ImageReadError
+from retinanet.data.transforms import resized_shape
+from retinanet.losses import alpha_from_counts
+from retinanet.matcher import Matcher
+from retinanet.visualize import draw_ground_truth
+
+log = logging.getLogger(__name__)
+SIZE_EDGES = (0, 16, 32, 64, 128, 256, 512, math.inf)  # buckets of sqrt(box area) in resized pixels
+
+
+def bucket_names(edges=SIZE_EDGES) -> list[str]:
+    return [f"{lo}-{hi}" if hi != math.inf else f">={lo}" for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def feature_shapes(image_hw: Sequence[int], num_levels: int = 5, first_level: int = 3) -> list[tuple[int, int]]:
+    """(h, w) of P3..P7 for a padded input: every stride-2 stage (stem conv, max-pool, the ResNet stages,
+    the P6/P7 convs; all kernel 3 or 7 with 'same' padding) maps n -> ceil(n / 2)."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    shapes = []
+    for level in range(1, first_level + num_levels):
+        h, w = -(-h // 2), -(-w // 2)
+        if level >= first_level:
+            shapes.append((h, w))
+    return shapes
+
+
+def dataset_statistics(dataset) -> dict:
+    """Counts per class, images without boxes and crowd boxes of a ``CocoDetection`` (no image decoded)."""
+    counts = dataset.class_counts()
+    return {
+        "images": len(dataset), "images_without_boxes": int((dataset.boxes_per_image() == 0).sum()),
+        "boxes": int(counts.sum()), "crowd_boxes": dataset.crowd_count(),
+        "boxes_per_class": {name: int(n) for name, n in zip(dataset.class_names, counts)},
+        "dropped_boxes": dict(dataset.box_counts), "skipped_records": dict(dataset.skipped),
+    }
+
+
+def _resized_boxes(dataset, i: int, min_size, max_size, size_divisible: int, min_box_size: float = 1.0):
+    """Non-crowd + crowd boxes of image ``i`` in the resized image, the padded size, and which boxes survive
+    the transform's ``min_box_size`` filter."""
+    boxes, labels, crowd = dataset.annotations(i)
+    h, w = dataset.image_size(i)
+    out_h, out_w = resized_shape(h, w, min_size, max_size)
+    boxes = boxes * np.array([out_w / w, out_h / h, out_w / w, out_h / h], dtype=np.float32)
+    pad = (-(-out_h // size_divisible) * size_divisible, -(-out_w // size_divisible) * size_divisible)
+    alive = ((boxes[:, 2] - boxes[:, 0]) >= min_box_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_box_size)
+    return boxes, labels, crowd, pad, alive
+
+
+def anchor_coverage(dataset, anchors, matcher: Matcher, min_size: int | None, max_size: int | None,
+                    size_divisible: int, max_images: int | None = None, progress: bool = True) -> dict:
+    """Per size bucket: boxes, share matched by ``matcher``, share with an anchor at IoU >= ``fg_iou``,
+    median best IoU; plus box-size and aspect-ratio distributions. ``anchors`` is an ``AnchorGenerator``.
+
+    With ``max_images`` only that many images, evenly spaced over the dataset, are examined. A list
+    ``min_size`` (multi-scale training) is examined at its largest value, the evaluation resize.
+    """
+    if min_size is not None and not isinstance(min_size, (int, float)):  # multi-scale list: the eval resize
+        min_size = max(int(v) for v in min_size)
+    n = len(dataset)
+    index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round().astype(int)
+    sizes, matched, strong, best, aspects = [], [], [], [], []
+    for i in tqdm(index.tolist(), desc="anchor coverage", disable=not progress, dynamic_ncols=True):
+        boxes, _, crowd, pad, alive = _resized_boxes(dataset, i, min_size, max_size, size_divisible)
+        keep = ~crowd
+        if not keep.any():
+            continue
+        grid = anchors(feature_shapes(pad, len(anchors.sizes)), pad)  # [A, 4]
+        gt = torch.from_numpy(boxes[alive])  # [M, 4], crowd included (they only make anchors ignored)
+        is_crowd = torch.from_numpy(crowd[alive])
+        assigned = matcher(grid, gt[None], torch.ones(1, len(gt), dtype=torch.bool), is_crowd[None])[0]  # [A]
+        got = torch.zeros(len(gt), dtype=torch.bool)
+        got[assigned[assigned >= 0]] = True
+        iou = pairwise_iou(gt, grid).amax(dim=1) if len(grid) else torch.zeros(len(gt))  # [M]
+        # boxes lost by the transform's min_box_size filter count as uncovered with IoU 0
+        full_got, full_iou = np.zeros(len(boxes), bool), np.zeros(len(boxes))
+        full_got[alive], full_iou[alive] = got.numpy(), iou.numpy()
+        b = boxes[keep]
+        wh = np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+        sizes.append(np.sqrt(np.clip(wh[:, 0] * wh[:, 1], 0, None)))
+        aspects.append(wh[:, 1] / np.maximum(wh[:, 0], 1e-6))
+        matched.append(full_got[keep])
+        best.append(full_iou[keep])
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))  # noqa: E731
+    sizes, matched, best, aspects = cat(sizes, float), cat(matched, bool), cat(best, float), cat(aspects, float)
+    strong = best >= matcher.fg_iou
+    bucket = np.digitize(sizes, SIZE_EDGES[1:-1])
+    rows = []
+    for k, name in enumerate(bucket_names()):
+        sel = bucket == k
+        m = int(sel.sum())
+        rows.append({"size": name, "boxes": m, "matched": float(matched[sel].mean()) if m else math.nan,
+                     "iou_at_fg": float(strong[sel].mean()) if m else math.nan,
+                     "median_best_iou": float(np.median(best[sel])) if m else math.nan})
+    total = len(sizes)
+    return {
+        "images_examined": int(len(index)), "boxes": total, "buckets": rows,
+        "matched": float(matched.mean()) if total else math.nan,
+        "iou_at_fg": float(strong.mean()) if total else math.nan,
+        "aspect_ratio_quantiles": {f"p{q}": float(np.percentile(aspects, q)) if total else math.nan
+                                   for q in (5, 25, 50, 75, 95)},
+        "anchor_sides": sorted({round(s * sc, 1) for s in anchors.sizes for sc in anchors.scales}),  # sqrt(area)
+        "fg_iou": matcher.fg_iou,
+    }
+
+
+def suggested_alpha(dataset) -> dict[str, float]:
+    """Per-class focal-loss alpha from the class frequencies (``loss.alpha=auto``)."""
+    alpha = alpha_from_counts(dataset.class_counts())
+    return {name: round(float(a), 4) for name, a in zip(dataset.class_names, alpha)}
+
+
+def hints(coverage: dict) -> list[str]:
+    """Plain advice for size buckets whose boxes rarely reach a good anchor."""
+    out = []
+    smallest = min(coverage["anchor_sides"]) if coverage["anchor_sides"] else math.nan
+    for row in coverage["buckets"]:
+        if row["boxes"] >= max(1, 0.05 * coverage["boxes"]) and row["iou_at_fg"] < 0.5:
+            out.append(f"{row['boxes']} boxes of {row['size']} px: only {row['iou_at_fg']:.0%} reach IoU "
+                       f">= {coverage['fg_iou']} with an anchor (median best IoU {row['median_best_iou']:.2f}; "
+                       f"smallest anchor {smallest} px). Change model.anchors.sizes or the resize "
+                       "(data.min_size / data.max_size).")
+    return out
+
+
+def format_report(stats: dict, coverage: dict, alpha: dict[str, float]) -> str:
+    lines = [f"images: {stats['images']} ({stats['images_without_boxes']} without boxes), boxes: {stats['boxes']} "
+             f"(+{stats['crowd_boxes']} crowd / ignore regions)"]
+    dropped = stats["dropped_boxes"]
+    if dropped.get("dropped") or dropped.get("clipped"):
+        lines.append(f"boxes dropped when loading: {dropped['dropped']} of {dropped['total']}, clipped: "
+                     f"{dropped['clipped']}")
+    for reason, n in stats["skipped_records"].items():
+        lines.append(f"skipped (data.on_error=skip): {n} {reason}")
+    width = max([len(n) for n in alpha] + [5])
+    lines += ["", f" {'class':<{width}}  {'boxes':>7}  {'share':>6}  alpha"]
+    total = max(1, stats["boxes"])
+    for name, n in stats["boxes_per_class"].items():
+        lines.append(f" {name:<{width}}  {n:>7}  {n / total:>6.1%}  {alpha[name]:.3f}")
+    lines += ["", f"anchor coverage on {coverage['images_examined']} images, {coverage['boxes']} boxes "
+              f"(box size = sqrt(w*h) after resize; anchor sides {coverage['anchor_sides'][0]}-"
+              f"{coverage['anchor_sides'][-1]} px):" if coverage["anchor_sides"] else "",
+              f" {'size px':>9}  {'boxes':>7}  {'matched':>7}  {'IoU>=' + str(coverage['fg_iou']):>8}  median IoU"]
+    for row in coverage["buckets"]:
+        if row["boxes"]:
+            lines.append(f" {row['size']:>9}  {row['boxes']:>7}  {row['matched']:>7.1%}  {row['iou_at_fg']:>8.1%}  "
+                         f"{row['median_best_iou']:.2f}")
+    lines.append(f" {'all':>9}  {coverage['boxes']:>7}  {coverage['matched']:>7.1%}  {coverage['iou_at_fg']:>8.1%}")
+    q = coverage["aspect_ratio_quantiles"]
+    lines.append(f"box aspect ratio h/w: 5% {q['p5']:.2f}, median {q['p50']:.2f}, 95% {q['p95']:.2f}")
+    advice = hints(coverage)
+    if stats["images_without_boxes"] == stats["images"]:
+        advice.append("no image has a box: check the annotation file and its category ids")
+    lines += ["", "hints:" if advice else "hints: none, anchors fit the boxes"] + [f" - {h}" for h in advice]
+    return "\n".join(lines)
+
+
+def render_samples(dataset, out_dir: str | Path, num: int = 8) -> list[Path]:
+    """The ground truth of ``num`` images (evenly spaced) drawn on them, saved as JPEG under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    written = []
+    for i in sorted({int(round(v)) for v in np.linspace(0, n - 1, min(num, n))}) if n and num > 0 else []:
+        try:
+            image = dataset.load_image(i)
+        except (ImageReadError, DatasetError) as err:
+            log.warning("sample not rendered: %s", err)
+            continue
+        boxes, labels, crowd = dataset.annotations(i)
+        path = out_dir / f"{i:05d}_{Path(dataset.image_path(i)).stem}.jpg"
+        draw_ground_truth(image, boxes, labels, crowd, dataset.class_names).save(path, quality=90)
+        written.append(path)
+    return written

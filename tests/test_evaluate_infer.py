@@ -1,0 +1,216 @@
+"""scripts/evaluate.py and scripts/infer.py end to end on a checkpoint trained for a few iterations
+(``tiny_run``): the same numbers as the trainer's own evaluation, category ids remapped by
+name, a clear error for other classes, detections on a folder that equal the dataset pipeline's,
+and clear failures (exit code 2, no traceback) for a missing checkpoint or an empty folder."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import CONFIGS, ROOT
+from retinanet.checkpoint import load_checkpoint
+from retinanet.data.build import SkippingCollate, build_dataset, build_loader
+from retinanet.engine import StepContext
+from retinanet.evaluation import STAT_LABELS, STAT_NAMES
+from retinanet.inference import CheckpointError, InputError, LabelMapError, load_detector
+from retinanet.trainer import evaluate_split
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose_cfg(name: str, overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def eval_overrides(ckpt, root, *extra):
+    return [f"checkpoint={ckpt}", f"data.root={root}", "data.generate=null", "progress=false", *extra]
+
+
+BASE = ("score_thresh=0.001", "batch_size=8")
+
+
+@pytest.fixture(scope="module")
+def base_eval(tiny_run, tmp_path_factory):
+    """scripts/evaluate.py on the tiny run's val split: (summary, output folder, printed text)."""
+    out = tmp_path_factory.mktemp("evaluate")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        summary = load_script("evaluate").run(
+            compose_cfg("evaluate", eval_overrides(tiny_run.checkpoint, tiny_run.root, *BASE)), out)
+    return summary, out, buf.getvalue()
+
+
+def test_evaluate_reproduces_the_trainers_evaluation(tiny_run, base_eval):
+    summary, out, printed = base_eval
+    for label in STAT_LABELS:
+        assert label in printed
+    ckpt = load_checkpoint(tiny_run.checkpoint)
+    for name in ckpt["label_map"]["class_names"]:
+        assert f"\n {name} " in printed  # one row per class in the AP table
+
+    # reference: the trainer's evaluate_split on a model rebuilt by hand from the checkpoint
+    train_cfg = OmegaConf.create(ckpt["config"])
+    anchors = instantiate(train_cfg.model.anchors)
+    model = instantiate(train_cfg.model.net, num_classes=6, num_anchors=9)
+    model.load_state_dict(ckpt["model"])
+    val = build_dataset(train_cfg.data, "val", train=False)
+    loader = build_loader(val, 8, False, 0, train_cfg.data.size_divisible, 0, False)
+    ctx = StepContext(criterion=instantiate(train_cfg.loss, num_classes=6), anchors=anchors,
+                      device=torch.device("cpu"), progress=False)
+    post = instantiate(train_cfg.postprocess, score_thresh=0.001)
+    reference = evaluate_split(model, loader, post, ctx, val)
+    assert summary["num_detections"] > 0
+    for name in STAT_NAMES:
+        assert summary["stats"][name] == pytest.approx(reference["stats"][name], abs=1e-6), name
+
+    written = json.loads((out / "metrics.json").read_text())
+    assert set(written["stats"]) == set(STAT_NAMES) and len(written["per_class"]) == 6
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == summary["num_detections"]
+    assert {r["category_id"] for r in results} <= set(ckpt["label_map"]["category_ids"])
+    assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert val.coco.loadRes(results)  # a valid COCO results file for this dataset
+
+
+def _rewrite_categories(src, dst, fn):
+    data = json.loads(src.read_text())
+    fn(data)
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+def test_evaluate_matches_classes_by_name_and_refuses_other_classes(tiny_run, base_eval, tmp_path):
+    evaluate = load_script("evaluate")
+    val_ann = tiny_run.root / "annotations" / "instances_val.json"
+    base, original = BASE, base_eval[0]
+
+    def shift(data):  # same classes under other ids, e.g. converted separately
+        for c in data["categories"]:
+            c["id"] += 100
+        for a in data["annotations"]:
+            a["category_id"] += 100
+
+    shifted = _rewrite_categories(val_ann, tmp_path / "shifted.json", shift)
+    out = evaluate.run(compose_cfg("evaluate", eval_overrides(tiny_run.checkpoint, tiny_run.root, *base,
+                                                              f"data.val_ann={shifted}")), tmp_path / "b")
+    assert out["stats"] == original["stats"]
+    assert {r["category_id"] for r in json.loads((tmp_path / "b" / "results.json").read_text())} <= {
+        c + 100 for c in load_checkpoint(tiny_run.checkpoint)["label_map"]["category_ids"]}
+
+    renamed = _rewrite_categories(val_ann, tmp_path / "renamed.json",
+                                  lambda d: d["categories"][0].update(name="zebra"))
+    with pytest.raises(LabelMapError) as err:
+        evaluate.run(compose_cfg("evaluate", eval_overrides(tiny_run.checkpoint, tiny_run.root, *base,
+                                                            f"data.val_ann={renamed}")), tmp_path / "c")
+    msg = str(err.value)
+    assert "renamed.json" in msg and "Missing from the dataset: ['ellipse']" in msg and "['zebra']" in msg
+
+
+# inference larger than the training resize (a test of the override): P7 stays above 1x1, which a
+# GroupNorm head cannot normalise for a batch of one image
+LARGER = ("min_size=160", "max_size=224")
+
+
+def test_infer_on_a_folder(tiny_run, tmp_path):
+    infer = load_script("infer")
+    src = tiny_run.root / "val"
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(src / "000000.png", folder / "a.png")
+    shutil.copy(src / "000001.png", folder / "sub" / "png_named.jpg")  # decoded by content
+    Image.open(src / "000002.png").convert("L").save(folder / "sub" / "grey.tif")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes((src / "000003.png").read_bytes()[:200])
+    out = tmp_path / "out"
+    cfg = compose_cfg("infer", [f"checkpoint={tiny_run.checkpoint}", f"input={folder}", f"output={out}",
+                                "score_thresh=0.001", "render_score_thresh=0.001", "batch_size=2", "progress=false",
+                                *LARGER])
+    result = infer.run(cfg, out)
+    assert json.loads((out / "detections.json").read_text()) == json.loads(json.dumps(result))
+    names = {img["file_name"]: img for img in result["images"]}
+    assert set(names) == {"a.png", "sub/png_named.jpg", "sub/grey.tif"}
+    with Image.open(src / "000000.png") as im:
+        assert (names["a.png"]["width"], names["a.png"]["height"]) == im.size
+    assert result["skipped_files"] == [str(folder / "notes.txt")]
+    assert result["unreadable_files"] == [str(folder / "broken.jpg")]
+    ckpt = load_checkpoint(tiny_run.checkpoint)
+    id_to_name = dict(zip(ckpt["label_map"]["category_ids"], ckpt["label_map"]["class_names"]))
+    assert result["annotations"] and all(id_to_name[a["category_id"]] == a["category_name"]
+                                         for a in result["annotations"])
+    assert len({a["id"] for a in result["annotations"]}) == len(result["annotations"])
+    for name in names:  # a rendered copy of every image, same size, with boxes drawn on it
+        rendered = out / "rendered" / (name if not name.endswith(".tif") else name[:-4] + ".png")
+        with Image.open(rendered) as im:
+            assert im.size == (names[name]["width"], names[name]["height"])
+    original = np.asarray(Image.open(src / "000000.png").convert("RGB"))
+    assert (np.asarray(Image.open(out / "rendered" / "a.png")) != original).any()
+
+    # the detections of a.png are those of the dataset pipeline for the same image (batch of one)
+    detector = load_detector(tiny_run.checkpoint, score_thresh=0.001, min_size=160, max_size=224)
+    val = build_dataset(compose_cfg("evaluate", eval_overrides(tiny_run.checkpoint, tiny_run.root)).data, "val",
+                        train=False)
+    val.transform = detector.transform()
+    ours = sorted((a["bbox"], a["score"]) for a in result["annotations"] if a["file_name"] == "a.png")
+    single = infer.run(compose_cfg("infer", [f"checkpoint={tiny_run.checkpoint}", f"input={folder / 'a.png'}",
+                                             "score_thresh=0.001", "render=false", "progress=false", *LARGER]),
+                       tmp_path / "one")
+    det = detector(SkippingCollate(detector.size_divisible)([val[0]]))[0]
+    boxes = det["boxes"].double().numpy()
+    assert len(single["annotations"]) == len(boxes) > 0
+    got = np.array([a["bbox"] for a in single["annotations"]])
+    np.testing.assert_allclose(got[:, :2], boxes[:, :2], atol=0.01)
+    np.testing.assert_allclose(got[:, 2:], boxes[:, 2:] - boxes[:, :2], atol=0.02)
+    assert len(ours) > 0
+
+
+def test_clear_errors_for_inputs_and_checkpoints(tmp_path):
+    from retinanet.inference import find_images
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="folder .*empty.* holds no image file"):
+        find_images(str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="does not exist"):
+        find_images(str(tmp_path / "nope"))
+    with pytest.raises(InputError, match="glob"):
+        find_images(str(tmp_path / "*.jpg"))
+    with pytest.raises(CheckpointError, match="checkpoint=.*missing.pt.* does not exist"):
+        load_detector(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt.* cannot be read"):
+        load_detector(tmp_path / "junk.pt")
+    torch.save({"model": {}}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="no 'config' entry"):
+        load_detector(tmp_path / "bare.pt")
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("evaluate", ["checkpoint=/no/such/run/best.pt"], "checkpoint='/no/such/run/best.pt' does not exist"),
+    ("infer", ["checkpoint=/no/such/run/best.pt", "input=EMPTY"], "holds no image file"),
+])
+def test_cli_fails_clearly_with_exit_code_2(script, args, expected, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("no images here")
+    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args,
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert expected in text and "Traceback" not in text

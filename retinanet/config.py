@@ -47,6 +47,38 @@ def _alpha(cfg: DictConfig) -> None:
                               "must be null, 'auto', a number in [0, 1] or a per-class list of such numbers")
 
 
+def _train_loop(cfg: DictConfig) -> None:
+    """Keys of scaling out and of never losing a run (accumulation, resume, checkpoints, EMA, ...)."""
+    _number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)
+    _number(cfg, "trainer.checkpoint_every_steps", 0, integer=True)
+    _number(cfg, "trainer.keep_last", 0, integer=True)
+    _number(cfg, "trainer.max_bad_steps", 0, integer=True)
+    _number(cfg, "trainer.ema.decay", 0, 1, allow_none=True, lo_open=True)
+    if cfg.trainer.ema.decay is not None and cfg.trainer.ema.decay >= 1:
+        raise ConfigError(f"trainer.ema.decay={cfg.trainer.ema.decay} must be < 1 (e.g. 0.9998), or null for no EMA")
+    for key in ("aspect_ratio_grouping", "sync_bn", "deterministic"):
+        if not isinstance(cfg.trainer[key], bool):
+            raise ConfigError(f"trainer.{key}={cfg.trainer[key]!r} must be true or false")
+    _number(cfg, "optim.reference_batch_size", 1, integer=True, allow_none=True)
+    resume = cfg.trainer.resume
+    if resume is not None and not isinstance(resume, str):
+        raise ConfigError(f"trainer.resume={resume!r} must be null, auto or the path of a checkpoint")
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise ConfigError(f"trainer.resume={resume!r} does not exist; give a checkpoint file (last.pt), "
+                          "auto (the run dir's last.pt if any) or null")
+
+
+def _min_size(cfg: DictConfig) -> None:
+    """``data.min_size``: a number of pixels, or a list of them (multi-scale training)."""
+    sizes = cfg.data.min_size
+    values = list(sizes) if OmegaConf.is_list(sizes) else [sizes]
+    shown = OmegaConf.to_object(sizes) if OmegaConf.is_list(sizes) else sizes
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ConfigError(f"data.min_size={shown!r} must be a positive integer or a non-empty list of them "
+                          "(multi-scale training: each training image draws its shorter side from the list)")
+    _number(cfg, "data.max_size", max(values), integer=True)
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` naming the key and value of the first problem found."""
     try:
@@ -65,6 +97,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _number(cfg, "trainer.grad_clip", 0, allow_none=True, lo_open=True)
     _number(cfg, "trainer.threads", 1, integer=True, allow_none=True)
     _choice(cfg, "trainer.precision", PRECISIONS)
+    _train_loop(cfg)
     _number(cfg, "optim.lr", 0, lo_open=True)
     _number(cfg, "optim.weight_decay", 0)
     _choice(cfg, "optim.name", OPTIMIZERS)
@@ -86,8 +119,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _choice(cfg, "model.net.p6_from", ("c5", "p5"))
     _number(cfg, "model.net.frozen_stages", 0, 5, integer=True)
     _number(cfg, "model.net.prior_prob", 0, 1, lo_open=True)
-    _number(cfg, "data.min_size", 1, integer=True)
-    _number(cfg, "data.max_size", cfg.data.min_size, integer=True)
+    _min_size(cfg)
     _number(cfg, "data.size_divisible", 1, integer=True)
     if cfg.data.size_divisible % 32:
         raise ConfigError(f"data.size_divisible={cfg.data.size_divisible} must be a multiple of 32 (the stride of C5)")

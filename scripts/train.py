@@ -5,6 +5,7 @@ Examples:
     python scripts/train.py trainer.epochs=3 optim.lr=0.005
     python scripts/train.py data=coco data.root=/datasets/coco model=retinanet_r50 optim=sgd schedule=multistep
     python scripts/train.py -m loss.gamma=0,1,2 loss.alpha=0.25,0.5   # sweep (Hydra multirun)
+    torchrun --nproc_per_node=4 scripts/train.py optim.reference_batch_size=16  # DDP (README: many GPUs)
 """
 
 import logging
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from retinanet import distributed  # noqa: E402
 from retinanet.errors import UserError  # noqa: E402
 from retinanet.trainer import run  # noqa: E402
 
@@ -26,6 +28,7 @@ log = logging.getLogger("train")
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
+        distributed.share_run_dir(HydraConfig.get().runtime.output_dir)  # torchrun: every rank uses rank 0's
         return run(cfg, HydraConfig.get().runtime.output_dir)
     except UserError as err:
         log.error("%s", err)
@@ -33,4 +36,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    distributed.adopt_rank0_run_dir(sys.argv)  # torchrun ranks > 0: wait for rank 0's run dir
+    try:
+        main()
+    finally:
+        distributed.shutdown()

@@ -36,3 +36,20 @@ def tiny_train_overrides(root: Path, out_epochs: int = 2) -> list[str]:
         "model.net.fpn_channels=32", "model.net.head_width=32", "model.net.head_depth=2",
         "schedule.warmup_steps=2", "data.generate.workers=1",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A checkpoint of one short epoch (2 steps, 64-96 px) on a 16 train / 8 val shapes dataset:
+    ``.checkpoint`` (its last.pt) and ``.root`` (the dataset)."""
+    from types import SimpleNamespace
+
+    from retinanet.data.shapes import ensure_shapes_dataset
+    from retinanet.trainer import run
+
+    root = tmp_path_factory.mktemp("micro_shapes")
+    ensure_shapes_dataset(root, num_train=16, num_val=8, seed=2, workers=1)
+    out = tmp_path_factory.mktemp("tiny_run")
+    run(compose_train(tiny_train_overrides(root, out_epochs=1) + [
+        "data.generate=null", "data.min_size=64", "data.max_size=96", "trainer.eval_batch_size=8"]), out)
+    return SimpleNamespace(checkpoint=out / "last.pt", root=root)

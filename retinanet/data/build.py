@@ -1,4 +1,13 @@
-"""Datasets and loaders from the ``data`` config group (used by training, evaluation and tools)."""
+"""Datasets and loaders from the ``data`` config group (used by training, evaluation and tools).
+
+With ``data.on_error=skip`` an image that cannot be loaded is replaced by the next readable one
+in training and dropped from the batch in evaluation (so no image is evaluated twice); the
+loader reports the skipped images at the end of every pass (``CocoDetection.report_skipped``).
+
+Training loaders (``shuffle=True``) draw their batches from ``samplers.EpochBatchSampler``: call
+``loader.batch_sampler.set_epoch(epoch, skip)`` before each epoch. Evaluation loaders of one of
+several ranks read every ``num_replicas``-th image (padded to equal shares: callers drop the repeats).
+"""
 
 from __future__ import annotations
 
@@ -6,26 +15,66 @@ import torch
 from omegaconf import DictConfig
 
 from retinanet.data.coco import CocoDetection
-from retinanet.data.collate import Collate
+from retinanet.data.collate import Batch, Collate
+from retinanet.data.samplers import EpochBatchSampler, SeededSamples, aspect_groups
 from retinanet.data.transforms import build_transforms
 
 
 def build_dataset(data_cfg: DictConfig, split: str, train: bool) -> CocoDetection:
     """The dataset of one split with its transform (augmented for training)."""
-    aug = data_cfg.augment
+    aug = data_cfg.augment  # a list data.min_size is multi-scale training (evaluation uses its largest value)
     transform = build_transforms(
         train=train, min_size=data_cfg.min_size, max_size=data_cfg.max_size,
         hflip_prob=aug.hflip_prob, scale_range=tuple(aug.scale_range), translate=aug.translate,
         color_jitter=aug.color_jitter, min_visibility=aug.min_visibility,
     )
-    return CocoDetection(data_cfg[f"{split}_ann"], data_cfg[f"{split}_images"], transform=transform)
+    return CocoDetection(data_cfg[f"{split}_ann"], data_cfg[f"{split}_images"], transform=transform,
+                         on_error=data_cfg.get("on_error", "raise"), skip_policy="replace" if train else "drop")
+
+
+def empty_batch(size_divisible: int) -> Batch:
+    """A batch of zero images (every sample of the batch was skipped)."""
+    return Batch(images=torch.zeros((0, 3, size_divisible, size_divisible), dtype=torch.uint8),
+                 gt_boxes=torch.zeros((0, 1, 4)), gt_labels=torch.full((0, 1), -1, dtype=torch.int64),
+                 gt_crowd=torch.zeros((0, 1), dtype=torch.bool), image_ids=torch.zeros(0, dtype=torch.int64),
+                 image_sizes=torch.zeros((0, 2), dtype=torch.int64), orig_sizes=torch.zeros((0, 2), dtype=torch.int64),
+                 scales=torch.zeros((0, 2)))
+
+
+class SkippingCollate(Collate):
+    """``Collate`` that leaves out samples marked ``{"skipped": True}`` (possibly all of them)."""
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        kept = [s for s in samples if not s.get("skipped")]
+        return super().__call__(kept) if kept else empty_batch(self.size_divisible)
+
+
+class ReportingLoader(torch.utils.data.DataLoader):
+    """A DataLoader that asks its dataset to report skipped images when a pass over it ends."""
+
+    def __iter__(self):
+        yield from super().__iter__()
+        report = getattr(self.dataset, "report_skipped", None)
+        if report is not None:
+            report()
 
 
 def build_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, size_divisible: int,
-                 seed: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) >= batch_size,
-        num_workers=num_workers, collate_fn=Collate(size_divisible), generator=generator,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0,
-    )
+                 seed: int, pin_memory: bool, *, num_replicas: int = 1, rank: int = 0,
+                 aspect_grouping: bool = False, batches_multiple_of: int = 1) -> torch.utils.data.DataLoader:
+    """Training (``shuffle=True``: resumable, per-sample seeded batches) or evaluation loader of one rank.
+
+    ``aspect_grouping``: training batches of landscape or of portrait images (less padding).
+    ``batches_multiple_of``: the training epoch length is cut to a multiple of it (gradient accumulation).
+    """
+    generator = torch.Generator().manual_seed(seed)  # worker seeds: keeps the global RNG untouched
+    common = dict(num_workers=num_workers, collate_fn=SkippingCollate(size_divisible), generator=generator,
+                  pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    if shuffle:
+        batches = EpochBatchSampler(len(dataset), batch_size, seed, num_replicas, rank,
+                                    aspect_groups(dataset) if aspect_grouping else None, batches_multiple_of)
+        return ReportingLoader(SeededSamples(dataset), batch_sampler=batches, **common)
+    sampler = None
+    if num_replicas > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+    return ReportingLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, **common)

@@ -1,0 +1,202 @@
+"""Scale out: a real 2-process torchrun (gloo, CPU) run of scripts/train.py against a 1-process run with the
+same global batch; gradient accumulation, linear learning-rate scaling, aspect-ratio grouping, multi-scale.
+
+GPU-only paths (nccl, SyncBatchNorm) cannot run here: the same code runs them with backend nccl on CUDA;
+what is checked on CPU is the clear error for sync_bn without CUDA (torch's SyncBatchNorm is GPU only)."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import ROOT, compose_train
+from retinanet.checkpoint import load_checkpoint
+from retinanet.data.build import build_dataset, build_loader
+from retinanet.data.samplers import EpochBatchSampler
+from retinanet.data.transforms import build_transforms
+from retinanet.distributed import parameter_digest
+from retinanet.engine import StepContext, train_one_epoch
+from retinanet.errors import ConfigError
+from retinanet.trainer import build_optimizer, run
+from test_resume import TIMEOUT, make_micro_shapes, micro_overrides
+
+# measured on this machine: the loss of every step within 1.5e-7 relative, every weight within 7.8e-7
+# absolute (float32 sums in another order: all-reduced gradients of 2 x 2 images vs one batch of 4)
+LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    return make_micro_shapes(tmp_path_factory.mktemp("micro") / "shapes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(micro, tmp_path):
+    # group norm: the result does not depend on how the batch is split (batch norm statistics would)
+    base = micro_overrides(micro) + ["model.net.norm=gn", "trainer.deterministic=true"]
+    single = tmp_path / "single"
+    run(compose_train(base + ["trainer.batch_size=4", "trainer.eval_batch_size=8"]), single)
+
+    launch_dir = tmp_path / "ddp"
+    launch_dir.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(ROOT / "scripts" / "train.py"), *base,
+           "trainer.batch_size=2", "trainer.eval_batch_size=4"]  # 2 x 2 images per step
+    proc = subprocess.run(cmd, cwd=launch_dir, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dirs = list((launch_dir / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs  # both ranks used rank 0's timestamped Hydra run dir
+    ddp = run_dirs[0]
+    assert (ddp / ".hydra").is_dir() and (ddp / "last.pt").is_file() and (ddp / "metrics.json").is_file()
+    log = (ddp / "train.log").read_text()
+    assert "8 steps of 4 images (2 per process x 2 process(es) x 1 accumulated)" in log
+    assert log.count("epoch 1/2: loss") == 1  # text logs from rank 0 only
+
+    ckpt, ref = load_checkpoint(ddp / "last.pt"), load_checkpoint(single / "last.pt")
+    # both ranks ended with bit-identical weights: rank 1's digest was gathered into rank 0's checkpoint
+    model = instantiate(compose_train(base).model.net, num_classes=6, num_anchors=9)
+    model.load_state_dict(ckpt["model"])
+    assert ckpt["replica_digests"] == [parameter_digest(model)] * 2
+
+    # the same training as one process with the same global batch, to float32 rounding
+    ddp_loss, single_loss = scalars(ddp, "train/loss"), scalars(single, "train/loss")
+    assert sorted(ddp_loss) == sorted(single_loss) == list(range(1, 9))
+    for step, value in single_loss.items():
+        assert ddp_loss[step] == pytest.approx(value, rel=LOSS_RTOL), step
+    assert scalars(ddp, "train/num_pos_per_image") == pytest.approx(scalars(single, "train/num_pos_per_image"))
+    for key, value in ref["model"].items():
+        torch.testing.assert_close(ckpt["model"][key], value, atol=WEIGHT_ATOL, rtol=0, msg=key)
+
+    # evaluation split over the ranks, gathered once: each of the 5 val images counted once (one was padded)
+    ddp_val = json.loads((ddp / "metrics.json").read_text())["final"]
+    single_val = json.loads((single / "metrics.json").read_text())["final"]
+    assert ddp_val["images"] == single_val["images"] == 5
+    assert ddp_val["stats"] == pytest.approx(single_val["stats"], abs=1e-3)
+    # validation losses are means over each rank's batches (the padded repeat included, other batches):
+    # an estimate of the same number, not the same sum
+    assert ddp_val["loss"]["loss"] == pytest.approx(single_val["loss"]["loss"], rel=0.05)
+
+
+def test_ranks_share_one_global_order_and_equal_batch_counts():
+    one = EpochBatchSampler(16, 4, seed=3)
+    ranks = [EpochBatchSampler(16, 2, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for s in (one, *ranks):
+        s.set_epoch(2)
+    for big, *parts in zip(one, *ranks, strict=True):  # step k of 2 x 2 images = step k of 4 images
+        assert sorted(big) == sorted(x for p in parts for x in p)
+    odd = [EpochBatchSampler(7, 2, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    assert len(odd[0]) == len(odd[1]) == 2  # padded shares: no rank waits for a step the other never takes
+
+
+def test_gradient_accumulation_equals_the_big_batch(micro):
+    # per-image loss normalisation and group norm: 2 micro-batches of 2 are exactly one batch of 4
+    cfg = compose_train(micro_overrides(micro) + ["model.net.norm=gn", "loss.normalization=torchvision"])
+    dataset = build_dataset(cfg.data, "train", train=True)
+    anchors = instantiate(cfg.model.anchors)
+
+    def epoch_weights(batch_size: int, accumulate: int) -> dict:
+        torch.manual_seed(0)
+        model = instantiate(cfg.model.net, num_classes=6, num_anchors=anchors.num_anchors_per_location)
+        loader = build_loader(dataset, batch_size, True, 0, 32, seed=0, pin_memory=False,
+                              batches_multiple_of=accumulate)
+        loader.batch_sampler.set_epoch(1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        ctx = StepContext(criterion=instantiate(cfg.loss, num_classes=6), anchors=anchors,
+                          device=torch.device("cpu"), progress=False, accumulate=accumulate)
+        stats = train_one_epoch(model, loader, optimizer, scheduler, ctx, epoch=1, step=0)
+        assert stats["step"] == 16 // (batch_size * accumulate)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trainer runs here (trainer.threads=1): 2 threads on 2 busy cores crawl
+    try:
+        big, accumulated, small = epoch_weights(4, 1), epoch_weights(2, 2), epoch_weights(2, 1)
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in big.items():
+        torch.testing.assert_close(accumulated[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    assert any(not torch.allclose(small[k], big[k], atol=1e-5) for k in big)  # 8 small steps are not that
+
+
+def test_linear_learning_rate_scaling_is_stated(micro, caplog):
+    model = torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.INFO):
+        scaled = build_optimizer(compose_train(["optim.reference_batch_size=16", "optim.lr=0.01"]), model, 64)
+    assert scaled.param_groups[0]["lr"] == pytest.approx(0.04)
+    assert "optim.lr 0.01 x global batch 64 / optim.reference_batch_size 16" in caplog.text
+    as_given = build_optimizer(compose_train(["optim.lr=0.01"]), model, 64)
+    assert as_given.param_groups[0]["lr"] == 0.01
+
+
+def test_aspect_ratio_grouping_keeps_batches_homogeneous():
+    groups = [1 if i % 3 == 0 else 0 for i in range(26)]
+    grouped = EpochBatchSampler(26, 4, seed=1, group_ids=groups)
+    grouped.set_epoch(1)
+    batches = [[i for i, _ in b] for b in grouped]
+    assert len(batches) == len(EpochBatchSampler(26, 4, seed=1)) == 6  # grouping never changes the count
+    assert len({i for b in batches for i in b}) == 24
+    mixed = [b for b in batches if len({groups[i] for i in b}) > 1]
+    assert len(mixed) <= 1  # only a batch of the groups' leftovers may mix
+
+
+def test_multiscale_training_draws_the_shorter_side_from_the_list(micro):
+    t = build_transforms(True, min_size=[48, 64, 80], max_size=400, hflip_prob=0, scale_range=(1, 1),
+                         translate=0, color_jitter=0)
+    image = np.zeros((100, 150, 3), np.uint8)
+    sides = set()
+    for seed in range(30):
+        t.reseed(seed)
+        sides.add(t(image, np.array([[10, 10, 50, 50]], np.float32), [0], [False])[0].shape[0])
+    assert sides == {48, 64, 80}
+    t.reseed(7)
+    first = t(image, np.zeros((0, 4), np.float32), [], [])[0].shape
+    t.reseed(7)
+    assert t(image, np.zeros((0, 4), np.float32), [], [])[0].shape == first  # drawn from the sample's seed
+    evaluation = build_transforms(False, min_size=[48, 64, 80], max_size=400)
+    assert evaluation(image, np.zeros((0, 4), np.float32), [], [])[0].shape[0] == 80  # the largest
+    cfg = compose_train(micro_overrides(micro) + ["data.min_size=[48,64]"])
+    assert build_dataset(cfg.data, "train", train=True).transform.min_size == (48, 64)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.min_size=[]", "data.min_size=[] must be a positive integer or a non-empty list"),
+    ("data.min_size=[64,0]", "data.min_size=[64, 0] must be a positive integer"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be >= 1"),
+    ("optim.reference_batch_size=0", "optim.reference_batch_size=0 must be >= 1"),
+    ("trainer.sync_bn=maybe", "trainer.sync_bn='maybe' must be true or false"),
+])
+def test_bad_scaling_settings_are_named(micro, override, message):
+    from retinanet.config import validate_train_config
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_train_config(compose_train(micro_overrides(micro) + [override]))
+
+
+def test_impossible_settings_are_clear_errors(micro, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches=8 is more than the 4 batches"):
+        run(compose_train(micro_overrides(micro) + ["trainer.accumulate_grad_batches=8"]), tmp_path)
+    with pytest.raises(ConfigError, match="trainer.sync_bn=true needs CUDA"):
+        run(compose_train(micro_overrides(micro) + ["trainer.sync_bn=true"]), tmp_path)

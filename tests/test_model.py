@@ -75,3 +75,13 @@ def test_p6_source_changes_extra_level_input():
     p5 = tiny(p6_from="p5")
     assert c5.fpn.extra[0].in_channels == 512
     assert p5.fpn.extra[0].in_channels == 32
+
+
+def test_gn_heads_handle_a_single_image_with_1x1_p7():
+    from retinanet.model.head import group_count
+
+    assert group_count(256) == 32 and group_count(64) == 32 and group_count(32) == 16 and group_count(3) == 1
+    model = tiny(head_norm="gn").eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert out.feature_shapes[-1] == (1, 1) and torch.isfinite(out.cls_logits).all()

@@ -78,7 +78,8 @@ class ResNetBackbone(nn.Module):
         if not 0 <= frozen_stages <= 5:
             raise ValueError(f"model.backbone.frozen_stages={frozen_stages} must be within 0..5")
         ctor, self.out_channels = RESNETS[depth]
-        net = ctor(weights=None, norm_layer=_norm_layer(norm, gn_groups))
+        # from scratch, start each residual block as identity (zero-init last BN scale): faster early training
+        net = ctor(weights=None, norm_layer=_norm_layer(norm, gn_groups), zero_init_residual=not weights and norm != "frozen_bn")
         if weights:
             state = {k: v for k, v in load_backbone_weights(weights).items() if not k.startswith("fc.")}
             try:

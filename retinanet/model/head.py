@@ -29,7 +29,7 @@ class Subnet(nn.Module):
                 nn.init.zeros_(conv.bias)
             layers.append(conv)
             if norm == "gn":
-                layers.append(nn.GroupNorm(min(gn_groups, width), width))
+                layers.append(nn.GroupNorm(group_count(width, gn_groups), width))
             layers.append(nn.ReLU(inplace=True))
         self.tower = nn.Sequential(*layers)
         self.predictor = nn.Conv2d(width if depth else in_channels, num_anchors * out_per_anchor, 3, padding=1)
@@ -53,3 +53,16 @@ def prior_logit(prior: float) -> float:
     if not 0.0 < prior < 1.0:
         raise ValueError(f"model.head.prior_prob={prior} must be in (0, 1)")
     return -math.log((1.0 - prior) / prior)
+
+
+def group_count(channels: int, wanted: int = 32) -> int:
+    """The largest group count <= ``wanted`` that divides ``channels`` with >= 2 channels a group.
+
+    A group of one channel has a single value on a 1x1 map (P7 of a small image), which
+    GroupNorm cannot normalise; 256 channels keep the usual 32 groups.
+    """
+    for groups in range(min(wanted, channels // 2), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+

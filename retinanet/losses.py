@@ -88,21 +88,63 @@ def _focal_terms(x: Tensor, t: float, a: Tensor | float, gamma: float, grad: boo
     return a * (gamma * q.pow(gamma - 1) * s * s_neg * (1 - 2 * t) * ce + q.pow(gamma) * (s - t))
 
 
+_CHUNK_ELEMENTS = 2**18  # logits per step of _label_terms: the temporaries of a step stay in the CPU cache
+
+
 def _label_terms(x: Tensor, labels: Tensor, alpha: Alpha, gamma: float, eps: float,
-                 row_weight: Tensor | None, grad: bool) -> Tensor:
-    """Summed loss, or the weighted gradient ``[N, K]``, of ``x [N, K]`` against integer ``labels [N]``."""
+                 row_weight: Tensor | None, grad: bool, scale: Tensor | float = 1.0) -> Tensor:
+    """Summed loss, or the weighted gradient ``[N, K]`` times ``scale``, of ``x [N, K]`` against ``labels [N]``.
+
+    Row chunks of about ``_CHUNK_ELEMENTS`` logits are treated as all negative (hard targets: one
+    sigmoid and one softplus per logit, the rest fused multiplies), the foreground entries (one per
+    foreground row) are computed apart and replace theirs. So the only ``[N, K]`` tensor ever
+    allocated is the returned gradient. ``tests/test_fast_paths.py`` checks this against the dense
+    formula; the hard-target gradient uses ``1 - sigmoid(x)`` for ``sigmoid(-x)`` (float rounding only).
+    """
+    x = x.contiguous()
+    n, k = x.shape
     t_neg, t_pos = 0.5 * eps, 1.0 - 0.5 * eps
     weight = (labels >= BACKGROUND).to(x.dtype)  # [N]: ignored rows (IGNORE = -2) weigh 0
     if row_weight is not None:
         weight = weight * row_weight.to(x.dtype)
-    rows = torch.nonzero(labels >= 0).squeeze(1)  # [P] foreground rows
+    if grad:
+        weight = weight * scale
+    rows = torch.nonzero(labels >= 0).squeeze(1)  # [P] foreground rows, ascending
     cols = labels[rows]  # [P] their classes
     a_pos = _alpha_t(alpha, t_pos)
     a_pos = a_pos[cols] if torch.is_tensor(a_pos) else a_pos
-    out = _focal_terms(x, t_neg, _alpha_t(alpha, t_neg), gamma, grad)  # [N, K] as if all negative
-    out[rows, cols] = _focal_terms(x[rows, cols], t_pos, a_pos, gamma, grad)  # then the positives
-    out.mul_(weight[:, None])
-    return out if grad else out.sum()
+    a_neg = _alpha_t(alpha, t_neg)  # float or [K]
+    pos = _focal_terms(x[rows, cols], t_pos, a_pos, gamma, grad) * weight[rows]  # [P]
+    out = torch.empty_like(x) if grad else None
+    step = max(1, _CHUNK_ELEMENTS // max(1, k))
+    starts = list(range(0, n, step))
+    bounds = torch.searchsorted(rows, torch.tensor(starts + [n], device=rows.device)).tolist()  # positives per chunk
+    sums = torch.zeros(len(starts) + 1, dtype=torch.float64, device=x.device)
+    for i, start in enumerate(starts):
+        xc, wc = x[start:start + step], weight[start:start + step, None]  # [C, K], [C, 1]
+        r = rows[bounds[i]:bounds[i + 1]] - start
+        c = cols[bounds[i]:bounds[i + 1]]
+        if t_neg == 0.0:  # FL = a s^gamma softplus(x), dFL/dx = a s^gamma (gamma (1 - s) softplus(x) + s)
+            s, ce = torch.sigmoid(xc), F.softplus(xc)
+            w = (s * s if gamma == 2.0 else s.pow(gamma)).mul_(wc * a_neg)  # [C, K]
+            w[r, c] = 0.0  # foreground entries come from `pos`
+            if grad:
+                oc = torch.neg(s, out=out[start:start + step]).add_(1.0)
+                torch.addcmul(s, oc, ce, value=gamma, out=oc).mul_(w)
+            else:
+                sums[i] = torch.dot(w.view(-1), ce.view(-1))
+        else:  # soft targets (label smoothing): the general formula
+            terms = _focal_terms(xc, t_neg, a_neg, gamma, grad).mul_(wc)
+            terms[r, c] = 0.0
+            if grad:
+                out[start:start + step] = terms
+            else:
+                sums[i] = terms.sum()
+    if grad:
+        out[rows, cols] = pos
+        return out
+    sums[-1] = pos.sum()
+    return sums.sum().to(x.dtype)
 
 
 class FocalLossFromLabels(torch.autograd.Function):
@@ -128,8 +170,8 @@ class FocalLossFromLabels(torch.autograd.Function):
         logits, labels, row_weight, alpha_k = ctx.saved_tensors
         alpha = alpha_k if alpha_k is not None else ctx.alpha
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        grad = _label_terms(x, labels, alpha, ctx.gamma, ctx.eps, row_weight, grad=True)
-        return (grad * grad_out).to(logits.dtype), None, None, None, None, None
+        grad = _label_terms(x, labels, alpha, ctx.gamma, ctx.eps, row_weight, grad=True, scale=grad_out)
+        return grad.to(logits.dtype), None, None, None, None, None
 
 
 def box_regression_loss(kind: str, pred: Tensor, anchors: Tensor, gt: Tensor, coder: BoxCoder,

@@ -7,7 +7,7 @@ ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install train test test-fast bench plots lint clean
+.PHONY: help install train test test-fast bench plots lint clean sweep-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,11 +22,22 @@ install: $(STAMP)  ## create .venv and install the project and its pinned depend
 train: $(STAMP)  ## train on the embedded dataset and print COCO mAP (ARGS="key=value ..." to override)
 	$(PY) scripts/train.py $(ARGS)
 
+sweep-demo: $(STAMP)  ## 2x2 focal-loss sweep (gamma x alpha) on small embedded data (~15 min, 2 cores); prints the table
+	@dir=multirun/sweep_demo/$$(date +%Y-%m-%d_%H-%M-%S); \
+	$(PY) scripts/train.py -m +sweep=demo hydra.sweep.dir=$$dir '~hydra.callbacks.summarize_sweep' $(ARGS) && \
+	$(PY) scripts/summarize_sweep.py $$dir
+
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)  ## run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+plots: $(STAMP)  ## plot the focal loss and its gradient (paper Figure 1) to outputs/plots/ (ARGS="--out x.png")
+	$(PY) scripts/plot_focal_loss.py $(ARGS)
+
+bench: $(STAMP)  ## ours vs torchvision side by side: prints the table, writes outputs/bench/bench.json (ARGS="--threads 1")
+	$(PY) scripts/bench.py $(ARGS)
 
 lint: $(STAMP)  ## byte-compile everything (syntax check)
 	$(PY) -m compileall -q retinanet scripts tests

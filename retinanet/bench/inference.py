@@ -1,0 +1,67 @@
+"""Case "inference": model + post-processing in eval mode, ours vs torchvision (same architecture and weights).
+
+Ours: the model (``channels_last``) + cached anchors + ``PostProcessor``, as ``Detector`` runs them.
+torchvision: ``model.eval()(images)`` (normalise, batch, backbone, head, anchors, postprocess).
+``agreement`` compares the raw class logits of both networks on the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from retinanet.bench.models import build_pair, make_batch
+from retinanet.bench.postprocess import SETTINGS
+from retinanet.bench.tv import to_float_list
+from retinanet.postprocess import PostProcessor
+
+
+@dataclass
+class State:
+    ours: object
+    theirs: object
+    run_ours: object
+    run_tv: object
+    images: torch.Tensor
+    arch: dict
+
+
+def setup(preset: str = "retinanet_r50", batch: int = 2, height: int = 320, width: int = 320, num_classes: int = 80,
+          seed: int = 0) -> State:
+    ours, theirs, anchors, arch = build_pair(preset, num_classes, (height, width), seed)
+    ours = ours.eval().to(memory_format=torch.channels_last)
+    theirs.eval()
+    theirs.detections_per_img = SETTINGS["detections_per_img"]
+    post = PostProcessor(**SETTINGS)
+    data = make_batch(batch, height, width, num_classes, 1, seed)
+    tv_images = to_float_list(data.images)
+
+    @torch.no_grad()
+    def run_ours():
+        images = data.images.contiguous(memory_format=torch.channels_last)
+        out = ours(images)
+        grid = anchors(out.feature_shapes, tuple(images.shape[-2:]))
+        return post(out.cls_logits, out.box_deltas, grid, anchors.num_anchors_per_level(out.feature_shapes),
+                    data.image_sizes, data.scales)
+
+    @torch.no_grad()
+    def run_tv():
+        return theirs(tv_images)
+
+    return State(ours, theirs, run_ours, run_tv, data.images, arch)
+
+
+def contenders(s: State) -> dict:
+    return {"ours": s.run_ours, "torchvision": s.run_tv}
+
+
+@torch.no_grad()
+def agreement(s: State) -> dict:
+    """Largest difference of the class logits (relative to their range) of the two networks."""
+    ours = s.ours(s.images.contiguous(memory_format=torch.channels_last)).cls_logits
+    batched, _ = s.theirs.transform(to_float_list(s.images))
+    feats = list(s.theirs.backbone(batched.tensors).values())
+    theirs = s.theirs.head(feats)["cls_logits"]
+    diff = float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-12))
+    return {**s.arch, "cls_logits_rel_diff": diff, "same_shape": tuple(ours.shape) == tuple(theirs.shape)}

@@ -1,0 +1,87 @@
+"""``make bench`` harness at tiny sizes: table and JSON structure, and that ours and torchvision agree on
+the benchmarked inputs. No timing assertions (timings belong to the benchmark itself)."""
+
+import json
+
+import pytest
+import torch
+
+from retinanet.bench import loss, postprocess
+from retinanet.bench.memory import measure_here
+from retinanet.bench.report import COLUMNS
+from retinanet.bench.runner import SIZES
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a shared machine would make two threads wait on each other
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_bench_writes_table_and_json_and_both_sides_agree(tmp_path, tiny_shapes, one_thread, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).parents[1] / "scripts" / "bench.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "bench.json"
+    report = script.main(["--size", "tiny", "--no-memory", "--out", str(out), "--data-root", str(tiny_shapes)])
+
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    printed = capsys.readouterr().out
+    assert "| item | what | ours | torchvision | ratio | target | met |" in printed
+    items = [r["item"] for r in saved["rows"]]
+    assert sorted(set(items)) == ["1", "2", "3", "4", "5", "6"]
+    for r in saved["rows"]:
+        assert tuple(r) == COLUMNS
+        assert isinstance(r["ratio"], float) and r["ratio"] > 0
+        assert (r["met"] is None) == (r["target"] == "-")
+    targets = {r["what"]: r["target"] for r in saved["rows"]}
+    assert targets["matching + focal + box loss, fwd+bwd: time"] == "<= 0.3x"
+    assert targets["decode + top-k + NMS: time"] == "<= 0.5x"
+
+    res = saved["results"]
+    agree = res["loss"]["agreement"]
+    for key in ("loss_cls_rel_diff", "loss_box_rel_diff", "grad_cls_rel_diff", "grad_box_rel_diff"):
+        assert agree[key] < 1e-5, (key, agree)
+    agree = res["postprocess"]["agreement"]
+    assert agree["same_counts"] and agree["labels_equal"] and agree["max_score_diff"] < 1e-6
+    assert agree["max_box_diff_px"] < 1e-3 and agree["candidates_above_thresh"] > 0.5
+    for key in ("train_r50", "train_r18", "inference_r50", "inference_r18"):
+        assert res[key]["agreement"]["same"], res[key]["agreement"]  # same parameter counts
+        assert set(res[key]["times"]) >= {"ours", "torchvision"}
+    for key in ("inference_r50", "inference_r18"):
+        assert res[key]["agreement"]["cls_logits_rel_diff"] < 1e-4  # same weights, same logits
+    assert res["train_r18"]["agreement"]["loss_ours_finite"] and res["train_r18"]["agreement"]["loss_torchvision_finite"]
+    assert res["endtoend"]["detections_written"] > 0 and res["endtoend"]["images"] == SIZES["tiny"]["endtoend"]["images"]
+    assert res["data"]["images"] == SIZES["tiny"]["data"]["batches"] * SIZES["tiny"]["data"]["batch_size"]
+    assert res["flops"]["train_step_flops"] > 0 and res["flops"]["conv_peak_flop_s"] > 0
+
+
+def test_peak_memory_is_the_high_water_mark_above_the_baseline():
+    size = 64 * 2**20
+
+    def run():
+        block = torch.ones(size // 4)  # 64 MiB, touched
+        return float(block[-1])
+
+    run()
+    result = measure_here(run)
+    assert set(result) == {"peak_mib", "baseline_mib"}
+    assert 60 <= result["peak_mib"] <= 80  # the block (and a little interpreter noise), not the baseline
+
+
+def test_loss_case_contenders_return_the_same_losses_and_gradients():
+    state = loss.setup(**SIZES["tiny"]["loss"])
+    run = loss.contenders(state)
+    (ours, g_ours), (theirs, g_theirs) = run["ours"](), run["torchvision"]()
+    torch.testing.assert_close(ours["cls"], theirs["cls"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours["box"], theirs["box"], rtol=1e-5, atol=0)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert state.cls.grad is None  # each run leaves the inputs as it found them
+    assert postprocess.SETTINGS["detections_per_img"] == 100

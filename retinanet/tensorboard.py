@@ -1,0 +1,270 @@
+"""TensorBoard views of what the detector does: drawn val images, per-class PR curves and AP,
+the distribution of predicted scores, and the run's hyperparameters with its final metrics.
+
+Every function takes a ``torch.utils.tensorboard.SummaryWriter`` and a global step. The trainer
+calls ``log_eval_visuals`` after each evaluation and ``log_hparams`` once at the end of a run.
+Tags (``val`` becomes ``val_ema`` for the EMA weights' evaluation):
+
+- ``val_images/<n>_id<image id>``: the image twice, ground truth on the left in green (class
+  names), predictions on the right in red (class and score); the same images at every
+  evaluation, so the slider shows progress;
+- ``val_pr_iou50/<class>``: COCO's interpolated precision-recall curve at IoU 0.5 (area all,
+  100 detections), from ``COCOeval.eval["precision"]``;
+- ``val_ap/<class>``: per-class AP@[.5:.95]; ``val/score_hist``: scores of all kept detections;
+  ``val/detections_per_image``;
+- HParams tab: the hyperparameters of ``HPARAM_KEYS`` plus every command-line override, against
+  ``hparam/<COCO number>`` (the final values).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from retinanet.evaluation import STAT_NAMES
+from retinanet.visualize import draw_boxes
+
+log = logging.getLogger(__name__)
+
+GT_COLOR = (0, 230, 0)
+PRED_COLOR = (255, 40, 40)
+# hyperparameters shown in the HParams tab of every run (missing keys are left out)
+HPARAM_KEYS = ("loss.alpha", "loss.gamma", "loss.label_smoothing", "loss.box_loss", "loss.beta", "optim.name",
+               "optim.lr", "optim.weight_decay", "trainer.batch_size", "trainer.epochs", "model.name", "data.name",
+               "data.min_size", "seed")
+
+
+# ---------------------------------------------------------------- images
+
+def _display_scale(h: int, w: int, min_side: int = 320, max_side: int = 640) -> float:
+    """Small images are enlarged (legible captions), big ones shrunk (small event files)."""
+    longest = max(h, w)
+    if longest < min_side:
+        return min_side / longest
+    return min(1.0, max_side / longest)
+
+
+def draw_eval_image(image: np.ndarray, gt_boxes, gt_labels, det: dict, class_names, min_score: float = 0.3,
+                    max_dets: int = 20, gap: int = 4) -> np.ndarray:
+    """RGB uint8 [H', 2 W' + gap, 3]: ``image`` (original pixels, resized for display) twice, side by side:
+    left the ground truth in green (class names), right the ``max_dets`` best detections scoring at
+    least ``min_score`` in red (``"<class> 0.87"``)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    s = _display_scale(h, w)
+    im = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if s != 1.0:
+        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4) * s
+    gt_labels = np.asarray(gt_labels).reshape(-1)
+    left = draw_boxes(im, gt_boxes, [class_names[k] for k in gt_labels.tolist()], [GT_COLOR] * len(gt_boxes),
+                      line_width=2)
+    scores = torch.as_tensor(det["scores"]).float().reshape(-1)
+    order = torch.argsort(scores, descending=True)[:max_dets]
+    order = order[scores[order] >= min_score]
+    boxes = torch.as_tensor(det["boxes"]).double().reshape(-1, 4)[order].numpy() * s
+    labels = torch.as_tensor(det["labels"]).reshape(-1)[order].tolist()
+    captions = [f"{class_names[k]} {v:.2f}" for k, v in zip(labels, scores[order].tolist())]
+    right = draw_boxes(im, boxes, captions, [PRED_COLOR] * len(boxes), line_width=2)
+    canvas = Image.new("RGB", (2 * im.width + gap, im.height), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (im.width + gap, 0))
+    return np.asarray(canvas)
+
+
+def _ground_truth(dataset, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-crowd ground truth of ``image_id`` from the dataset's pycocotools index: boxes xyxy [N, 4], labels [N]."""
+    anns = [a for a in dataset.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+    xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # xywh -> xyxy
+    labels = np.array([dataset.cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
+    return boxes, labels
+
+
+def _load_image(dataset, index: int) -> np.ndarray:
+    if hasattr(dataset, "load_image"):
+        return dataset.load_image(index)
+    from retinanet.data.image_io import load_rgb
+
+    return load_rgb(os.path.join(dataset.img_dir, dataset.coco.imgs[dataset.image_ids[index]]["file_name"]))
+
+
+def log_val_images(writer, step: int, dataset, detections: list[dict], image_ids, num_images: int = 4,
+                   min_score: float = 0.3, max_dets: int = 20, prefix: str = "val") -> int:
+    """The first ``num_images`` evaluated images (dataset order: the same ones at every evaluation) with
+    ground truth and predictions drawn. Returns the number of images logged."""
+    index_of = {int(i): n for n, i in enumerate(dataset.image_ids)}
+    logged = 0
+    for det, image_id in zip(detections, image_ids):
+        if logged >= num_images:
+            break
+        image_id = int(image_id)
+        boxes, labels = _ground_truth(dataset, image_id)
+        drawn = draw_eval_image(_load_image(dataset, index_of[image_id]), boxes, labels, det, dataset.class_names,
+                                min_score, max_dets)
+        writer.add_image(f"{prefix}_images/{logged}_id{image_id}", drawn, step, dataformats="HWC")
+        logged += 1
+    return logged
+
+
+# ---------------------------------------------------------------- curves and numbers
+
+def pr_curve_arrays(precision_rk: np.ndarray, num_gt: int) -> dict | None:
+    """One class's COCO precision over the 101 recall thresholds -> the six arrays of a TensorBoard PR curve.
+
+    COCO's precision is interpolated (non-increasing in recall) and 0 beyond the highest recall
+    reached; that tail is cut. Points run from high recall to low (like rising score thresholds).
+    Counts: TP = recall * #gt, FP = TP / precision - TP, FN = #gt - TP, TN = 0 (undefined for
+    detection). None if the class has no ground truth (COCO marks it -1)."""
+    p = np.asarray(precision_rk, dtype=np.float64).reshape(-1)
+    if p.size == 0 or (p < 0).all():
+        return None
+    recall = np.linspace(0.0, 1.0, p.size)
+    reached = np.flatnonzero(p > 0)
+    end = reached[-1] + 1 if reached.size else p.size
+    p, recall = p[:end][::-1], recall[:end][::-1]
+    tp = recall * num_gt
+    fp = np.where(p > 0, tp / np.maximum(p, 1e-12) - tp, 0.0)
+    return {"true_positive_counts": tp, "false_positive_counts": fp, "true_negative_counts": np.zeros_like(tp),
+            "false_negative_counts": num_gt - tp, "precision": p, "recall": recall}
+
+
+def log_pr_curves(writer, step: int, precision: np.ndarray, class_names, num_gt=None, iou_index: int = 0,
+                  prefix: str = "val") -> list[str]:
+    """Per-class PR curves from ``COCOeval.eval["precision"]`` [T, R, K, A, M] at IoU threshold
+    ``iou_index`` (0 = IoU 0.5, 5 = 0.75), area all, the largest maxDets. Column k is the k-th
+    category in sorted id order (COCOeval's default), ``class_names[k]`` its name, ``num_gt[k]`` its
+    number of ground-truth boxes. Returns the tags."""
+    tags = []
+    for k, name in enumerate(class_names):
+        arrays = pr_curve_arrays(precision[iou_index, :, k, 0, -1], int(num_gt[k]) if num_gt is not None else 1)
+        if arrays is None:
+            continue
+        tag = f"{prefix}_pr_iou{50 + 5 * iou_index}/{name}"
+        writer.add_pr_curve_raw(tag, global_step=step, num_thresholds=len(arrays["precision"]), **arrays)
+        tags.append(tag)
+    return tags
+
+
+def log_class_ap(writer, step: int, per_class: dict, cat_ids, class_names, prefix: str = "val") -> None:
+    """``val_ap/<class>`` scalars from ``metrics["per_class"]`` ({category id: AP}); classes without
+    ground truth are skipped."""
+    for cat, name in zip(cat_ids, class_names):
+        ap = per_class.get(int(cat), per_class.get(str(cat)))
+        if ap is not None and np.isfinite(ap):
+            writer.add_scalar(f"{prefix}_ap/{name}", float(ap), step)
+
+
+def log_score_distribution(writer, step: int, detections: list[dict], prefix: str = "val") -> None:
+    """Histogram of the scores of every kept detection and the mean number of detections per image."""
+    scores = [d["scores"].detach().float().reshape(-1).cpu() for d in detections]
+    flat = torch.cat(scores) if scores else torch.zeros(0)
+    writer.add_scalar(f"{prefix}/detections_per_image", flat.numel() / max(1, len(detections)), step)
+    if flat.numel():
+        writer.add_histogram(f"{prefix}/score_hist", flat, step, bins="auto" if flat.numel() > 1 else "tensorflow")
+
+
+def num_gt_per_class(dataset, image_ids, cat_ids) -> list[int]:
+    """Non-crowd ground-truth boxes per category over ``image_ids`` (what COCOeval counts for area 'all')."""
+    ids = {int(i) for i in image_ids}
+    counts = {int(c): 0 for c in cat_ids}
+    for ann in dataset.coco.dataset.get("annotations", []):
+        if ann["image_id"] in ids and not ann.get("iscrowd", 0) and ann["category_id"] in counts:
+            counts[ann["category_id"]] += 1
+    return [counts[int(c)] for c in cat_ids]
+
+
+def log_eval_visuals(writer, step: int, dataset, detections: list[dict], image_ids, metrics: dict,
+                     precision: np.ndarray | None = None, num_images: int = 4, min_score: float = 0.3,
+                     prefix: str = "val") -> None:
+    """Everything an evaluation shows in TensorBoard (see the module docstring).
+
+    ``dataset`` is the evaluated ``CocoDetection``; ``detections`` / ``image_ids`` come from
+    ``engine.predict``; ``metrics`` from ``coco_evaluate``; ``precision`` is ``COCOeval.eval["precision"]``
+    (None: no PR curves, e.g. when there was no detection at all); ``prefix`` starts every tag
+    (``val``; ``val_ema`` for the EMA weights)."""
+    cat_ids, names = list(dataset.label_to_cat_id), list(dataset.class_names)
+    log_val_images(writer, step, dataset, detections, image_ids, num_images, min_score, prefix=prefix)
+    log_class_ap(writer, step, metrics.get("per_class", {}), cat_ids, names, prefix)
+    log_score_distribution(writer, step, detections, prefix)
+    if precision is not None:
+        order = np.argsort(cat_ids)  # COCOeval's class columns follow sorted category ids
+        log_pr_curves(writer, step, precision, [names[k] for k in order],
+                      num_gt_per_class(dataset, image_ids, [cat_ids[k] for k in order]), prefix=prefix)
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+def _hparam_value(value):
+    """A TensorBoard hparam value: numbers and strings as they are, anything else (null, lists) as text."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return "null" if value is None else str(value)
+
+
+def _override_items() -> list[tuple[str, str]]:
+    """``(key, value text)`` of the command-line overrides of the running Hydra job ([] outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except (ImportError, ValueError):
+        return []
+    items = []
+    for text in overrides:
+        key, _, value = str(text).partition("=")
+        if key.startswith("~") or key.lstrip("+").startswith("hydra."):
+            continue
+        items.append((key.lstrip("+"), value))
+    return items
+
+
+def hparams_of(cfg: DictConfig, keys=HPARAM_KEYS) -> dict:
+    """``{dotted key: value}`` for ``keys`` and every command-line override; config groups chosen
+    on the command line (``model=retinanet_r50``) appear with the chosen name."""
+    absent = object()
+    out = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is not absent:
+            out[key] = _hparam_value(value)
+    for key, text in _override_items():
+        value = OmegaConf.select(cfg, key, default=absent)
+        out[key] = text if value is absent or isinstance(value, DictConfig) else _hparam_value(value)
+    return out
+
+
+def log_hparams(writer, cfg: DictConfig, metrics: dict | None, step: int | None = None) -> dict:
+    """Record the run's hyperparameters with its final metrics for the HParams tab, in the run's own
+    event file (not a sub-run as ``SummaryWriter.add_hparams`` does), so each run dir is one session.
+
+    Only the session start / end records are written, no experiment record: TensorBoard then builds
+    the table from all sessions (the union of their hyperparameters, every scalar as a metric),
+    whereas with one experiment record per run it would pick one run's columns arbitrarily.
+    ``metrics`` is the final ``evaluate_split`` result (None: only the hyperparameters are logged).
+    Returns the hparams dict."""
+    from torch.utils.tensorboard.summary import hparams
+
+    hp = hparams_of(cfg)
+    stats = (metrics or {}).get("stats", {})
+    metric_values = {f"hparam/{name}": float(stats[name]) for name in STAT_NAMES if name in stats}
+    val_loss = (metrics or {}).get("loss", {}).get("loss")
+    if val_loss is not None:
+        metric_values["hparam/val_loss"] = float(val_loss)
+    _, start, end = hparams(hp, metric_values)
+    file_writer = writer._get_file_writer()
+    for summary in (start, end):
+        file_writer.add_summary(summary, step)
+    for tag, value in metric_values.items():
+        writer.add_scalar(tag, value, step)
+    writer.flush()
+    return hp

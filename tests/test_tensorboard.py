@@ -1,0 +1,160 @@
+"""TensorBoard views: drawn val images, PR curves, per-class AP, score histogram and hparams are
+written by retinanet.tensorboard and read back with TensorBoard's own event reader."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+from pycocotools.cocoeval import COCOeval
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.util import tensor_util
+from torch.utils.tensorboard import SummaryWriter
+
+from conftest import compose_train, tiny_train_overrides
+from retinanet.data.build import build_dataset, build_loader
+from retinanet.engine import StepContext, predict
+from retinanet.evaluation import coco_evaluate, ground_truth_as_detections, to_coco_results
+from retinanet.tensorboard import (GT_COLOR, PRED_COLOR, draw_eval_image, log_eval_visuals, log_hparams,
+                                   pr_curve_arrays)
+
+
+def coco_precision(coco_gt, results, image_ids) -> np.ndarray:
+    """COCOeval.eval["precision"] [T, R, K, A, M], as the trainer gets it from coco_evaluate."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        ev.params.imgIds = sorted(int(i) for i in image_ids)
+        ev.evaluate()
+        ev.accumulate()
+    return ev.eval["precision"]
+
+
+def read_events(logdir) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "tensors": 0, "scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def colour_pixels(image: np.ndarray, rgb) -> int:
+    return int((np.abs(image.astype(int) - np.array(rgb)).sum(axis=2) < 30).sum())
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tiny_shapes):
+    """An untrained tiny model's detections on the tiny val split (score threshold lowered so there are some)."""
+    cfg = compose_train(tiny_train_overrides(tiny_shapes, 1) + ["postprocess.score_thresh=0.001", "loss.gamma=1.5"])
+    val_set = build_dataset(cfg.data, "val", train=False)
+    loader = build_loader(val_set, 16, False, 0, cfg.data.size_divisible, 0, False)
+    torch.manual_seed(0)
+    anchors = instantiate(cfg.model.anchors)
+    model = instantiate(cfg.model.net, num_classes=val_set.num_classes, num_anchors=anchors.num_anchors_per_location)
+    ctx = StepContext(criterion=instantiate(cfg.loss, num_classes=val_set.num_classes), anchors=anchors,
+                      device=torch.device("cpu"), progress=False)
+    detections, image_ids, losses = predict(model, loader, instantiate(cfg.postprocess), ctx)
+    results = to_coco_results(detections, image_ids, val_set.label_to_cat_id)
+    metrics = coco_evaluate(val_set.coco, results, image_ids)
+    metrics["loss"] = losses
+    return cfg, val_set, detections, image_ids, metrics, coco_precision(val_set.coco, results, image_ids)
+
+
+def test_eval_visuals_and_hparams_are_in_the_event_file(tiny_eval, tmp_path):
+    cfg, val_set, detections, image_ids, metrics, precision = tiny_eval
+    assert sum(len(d["scores"]) for d in detections) > 0
+    writer = SummaryWriter(str(tmp_path))
+    log_eval_visuals(writer, 7, val_set, detections, image_ids, metrics, precision, num_images=3, min_score=0.0)
+    hp = log_hparams(writer, cfg, metrics, step=7)
+    writer.close()
+    acc = read_events(tmp_path)
+    tags = acc.Tags()
+
+    # images: three, side by side (ground truth green | predictions red), enlarged from the small originals
+    image_tags = sorted(t for t in tags["images"] if t.startswith("val_images/"))
+    assert len(image_tags) == 3 and image_tags[0] == f"val_images/0_id{image_ids[0]}"
+    event = acc.Images(image_tags[0])[0]
+    assert event.step == 7
+    drawn = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    info = val_set.coco.imgs[image_ids[0]]
+    h, w = info["height"], info["width"]
+    assert drawn.shape[0] >= 320 > max(h, w) and drawn.shape[1] > 2 * drawn.shape[0] * min(w, h) / max(w, h) - 1
+    half = drawn.shape[1] // 2
+    assert colour_pixels(drawn[:, :half], GT_COLOR) > 50 and colour_pixels(drawn[:, :half], PRED_COLOR) < 5
+    assert colour_pixels(drawn[:, half:], PRED_COLOR) > 50 and colour_pixels(drawn[:, half:], GT_COLOR) < 5
+
+    # PR curves: one per class with ground truth, [6, N] arrays with precision and recall in [0, 1]
+    pr_tags = acc.PluginTagToContent("pr_curves")
+    classes_with_gt = {val_set.class_names[val_set.cat_id_to_label[a["category_id"]]]
+                       for a in val_set.coco.dataset["annotations"] if not a.get("iscrowd", 0)}
+    assert {t.split("/", 1)[1] for t in pr_tags} == classes_with_gt
+    for tag in pr_tags:
+        data = tensor_util.make_ndarray(acc.Tensors(tag)[0].tensor_proto)
+        assert data.shape[0] == 6 and data.shape[1] >= 1
+        assert ((0 <= data[4]) & (data[4] <= 1)).all() and ((0 <= data[5]) & (data[5] <= 1)).all()
+
+    # per-class AP, score histogram, detections per image
+    for cat, name in zip(val_set.label_to_cat_id, val_set.class_names):
+        if name in classes_with_gt:
+            assert acc.Scalars(f"val_ap/{name}")[0].value == pytest.approx(metrics["per_class"][cat], abs=1e-6)
+    hist = acc.Histograms("val/score_hist")[0].histogram_value
+    n_dets = sum(len(d["scores"]) for d in detections)
+    assert hist.num == n_dets and 0 < hist.min <= hist.max <= 1
+    assert acc.Scalars("val/detections_per_image")[0].value == pytest.approx(n_dets / len(detections))
+
+    # hparams: the session start info holds the config values, the metrics are scalars of the same run
+    hp_content = acc.PluginTagToContent("hparams")
+    assert set(hp_content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}  # TB builds the table
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/session_start_info"])
+    values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+              for k, v in start.session_start_info.hparams.items()}
+    assert values["loss.gamma"] == 1.5 and values["loss.alpha"] == 0.25 and values["model.name"] == "retinanet_r18_cpu"
+    assert values.keys() == hp.keys() and all(values[k] == pytest.approx(v) for k, v in hp.items())
+    end = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/session_end_info"])
+    assert end.session_end_info.status == api_pb2.Status.Value("STATUS_SUCCESS")
+    assert acc.Scalars("hparam/AP")[0].value == pytest.approx(metrics["stats"]["AP"])
+    assert acc.Scalars("hparam/val_loss")[0].value == pytest.approx(metrics["loss"]["loss"], rel=1e-5)
+    json.dumps(hp)  # plain values only
+
+
+def test_pr_curve_of_ground_truth_fed_back_is_perfect(tiny_eval, tmp_path):
+    _, val_set, _, image_ids, _, _ = tiny_eval
+    dets = ground_truth_as_detections(val_set.coco, val_set.cat_id_to_label, image_ids)
+    results = to_coco_results(dets, image_ids, val_set.label_to_cat_id)
+    metrics = coco_evaluate(val_set.coco, results, image_ids)
+    writer = SummaryWriter(str(tmp_path))
+    log_eval_visuals(writer, 1, val_set, dets, image_ids, metrics, coco_precision(val_set.coco, results, image_ids),
+                     num_images=1)
+    writer.close()
+    acc = read_events(tmp_path)
+    tags = acc.PluginTagToContent("pr_curves")
+    assert tags
+    for tag in tags:
+        tp, fp, tn, fn, p, r = tensor_util.make_ndarray(acc.Tensors(tag)[0].tensor_proto)
+        assert (p == 1).all() and r.max() == 1 and r.min() == 0 and (fp == 0).all()
+        assert tp[0] == pytest.approx(tp[0] + fn[0]) and fn[-1] == pytest.approx(tp[0])  # all gt found at recall 1
+
+
+def test_pr_curve_arrays_cut_the_unreached_tail_and_skip_classes_without_gt():
+    p = np.array([1.0, 1.0, 0.5, 0.5, 0.0, 0.0])  # 6 recall thresholds 0, .2, .4, .6, .8, 1: recall .6 reached
+    arrays = pr_curve_arrays(p, num_gt=10)
+    assert arrays["recall"].tolist() == pytest.approx([0.6, 0.4, 0.2, 0.0])
+    assert arrays["precision"].tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert arrays["true_positive_counts"].tolist() == pytest.approx([6, 4, 2, 0])
+    assert arrays["false_positive_counts"].tolist() == pytest.approx([6, 4, 0, 0])
+    assert arrays["false_negative_counts"].tolist() == pytest.approx([4, 6, 8, 10])
+    assert pr_curve_arrays(np.full(101, -1.0), num_gt=0) is None
+
+
+def test_drawing_puts_ground_truth_left_and_confident_predictions_right():
+    image = np.full((100, 200, 3), 128, dtype=np.uint8)
+    det = {"boxes": torch.tensor([[120.0, 10.0, 190.0, 90.0], [5.0, 5.0, 50.0, 50.0]]),
+           "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([1, 0])}
+    drawn = draw_eval_image(image, [[10, 10, 60, 60]], [0], det, ["a", "b"], min_score=0.3)
+    assert drawn.shape == (160, 2 * 320 + 4, 3)  # enlarged x1.6 to 320 px, two panels and a gap
+    left, right = drawn[:, :320], drawn[:, 324:]
+    assert colour_pixels(left, GT_COLOR) > 100 and colour_pixels(left, PRED_COLOR) == 0
+    red = np.argwhere((np.abs(right.astype(int) - np.array(PRED_COLOR)).sum(axis=2) < 30))
+    assert red[:, 1].min() >= int(120 * 1.6) - 2  # only the 0.9 box (x from 120), not the 0.1 one (x from 5)

@@ -18,7 +18,6 @@ Tags (``val`` becomes ``val_ema`` for the EMA weights' evaluation):
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -27,8 +26,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from retinanet.evaluation import STAT_NAMES
 from retinanet.visualize import draw_boxes
-
-log = logging.getLogger(__name__)
 
 GT_COLOR = (0, 230, 0)
 PRED_COLOR = (255, 40, 40)

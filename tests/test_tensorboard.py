@@ -20,7 +20,7 @@ from conftest import compose_train, tiny_train_overrides
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.engine import StepContext, predict
 from retinanet.evaluation import coco_evaluate, ground_truth_as_detections, to_coco_results
-from retinanet.tensorboard import (GT_COLOR, PRED_COLOR, draw_eval_image, log_eval_visuals, log_hparams,
+from retinanet.tensorboard import (GT_COLOR, PRED_COLOR, draw_eval_image, hparams_of, log_eval_visuals, log_hparams,
                                    pr_curve_arrays)
 
 
@@ -158,3 +158,23 @@ def test_drawing_puts_ground_truth_left_and_confident_predictions_right():
     assert colour_pixels(left, GT_COLOR) > 100 and colour_pixels(left, PRED_COLOR) == 0
     red = np.argwhere((np.abs(right.astype(int) - np.array(PRED_COLOR)).sum(axis=2) < 30))
     assert red[:, 1].min() >= int(120 * 1.6) - 2  # only the 0.9 box (x from 120), not the 0.1 one (x from 5)
+
+
+def test_hparams_include_command_line_overrides_inside_a_hydra_job():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import CONFIGS
+
+    overrides = ["loss.gamma=3", "loss.alpha=null", "model=retinanet_r50", "trainer.grad_clip=1.5", "+sweep=demo"]
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        hp = hparams_of(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert hp["loss.gamma"] == 3 and hp["loss.alpha"] == "null" and hp["trainer.grad_clip"] == 1.5
+    assert hp["model"] == "retinanet_r50" and hp["model.name"] == "retinanet_r50" and hp["sweep"] == "demo"
+    assert hp["trainer.epochs"] == 5 and hp["optim.lr"] == cfg.optim.lr  # from the config, not overridden
+    assert not any(k.startswith("hydra") for k in hp)

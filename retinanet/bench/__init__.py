@@ -1,7 +1,8 @@
 """``make bench``: our trainer against torchvision's RetinaNet on identical inputs, in the same process.
 
-One module per case (``loss``, ``postprocess``, ``train``, ``inference``, ``data``, ``flops``), the
-shared helpers in ``timing`` (interleaved medians), ``memory`` (peak RSS of a fresh subprocess),
-``scene`` (inputs) and ``tv`` (torchvision models of the same architecture); ``report`` prints
-the table. ``scripts/bench.py`` is the entry point.
+One module per case: ``loss`` (1), ``postprocess`` (2), ``train`` (3, and the conv peak for 6),
+``inference`` and ``endtoend`` (4), ``data`` (5); helpers: ``scene`` (inputs), ``models`` / ``tv``
+(our preset and torchvision's model of the same architecture, same weights), ``timing``
+(interleaved rounds, medians), ``memory`` (peak RSS in a fresh subprocess), ``report`` (the table).
+``runner`` ties them together at a size preset; ``scripts/bench.py`` is the command line.
 """

@@ -46,29 +46,6 @@ class PostProcessor:
             start += count
         return torch.cat(scores, 1), torch.cat(anchor_idx, 1), torch.cat(labels, 1)
 
-    def _class_nms(self, boxes: Tensor, scores: Tensor, img: Tensor, group: Tensor, batch: int) -> Tensor:
-        """Class-wise NMS of candidates ``[N]`` of ``batch`` images: kept indices by decreasing score.
-
-        Only the best candidates of each image are processed, as many as the ``detections_per_img`` first
-        kept boxes can depend on. NMS keeps a box iff no better box of its class overlaps it above the
-        threshold, so the boxes kept among an image's ``n`` best candidates are exactly the full result's
-        kept boxes down to the ``n``-th score: once they are ``detections_per_img`` or more, the other
-        candidates cannot change the output. ``n`` starts at 2 x ``detections_per_img`` and grows x4 for
-        the images that need more (untrained models give thousands of candidates; NMS is quadratic in them).
-        """
-        count = torch.bincount(img, minlength=batch)  # [B] candidates per image
-        order = torch.argsort(scores, descending=True, stable=True)
-        order = order[torch.argsort(img[order], stable=True)]  # by image, then by decreasing score
-        rank = torch.arange(len(order), device=img.device) - (torch.cumsum(count, 0) - count)[img[order]]
-        limit = torch.full_like(count, 2 * max(1, self.detections_per_img))
-        while True:
-            sel = order[rank < limit[img[order]]]
-            kept = sel[batched_nms(boxes[sel], scores[sel], group[sel], self.nms_thresh)]
-            enough = (torch.bincount(img[kept], minlength=batch) >= self.detections_per_img) | (limit >= count)
-            if bool(enough.all()):
-                return kept
-            limit = torch.where(enough, limit, limit * 4)
-
     @torch.no_grad()
     def __call__(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
                  image_sizes: Tensor | Sequence[Sequence[int]], scales: Tensor | None = None) -> list[dict[str, Tensor]]:
@@ -87,7 +64,7 @@ class PostProcessor:
 
         img, cand = (scores > self.score_thresh).nonzero(as_tuple=True)  # [N] each
         boxes, scores, labels = boxes[img, cand], scores[img, cand], labels[img, cand]
-        keep = self._class_nms(boxes, scores, img, img * num_classes + labels, batch)  # by decreasing score
+        keep = batched_nms(boxes, scores, img * num_classes + labels, self.nms_thresh)  # by decreasing score
 
         if scales is not None:
             scales = torch.as_tensor(scales, dtype=torch.float32, device=device)

@@ -215,31 +215,3 @@ def test_batched_postprocess_equals_torchvision_per_image_on_many_candidates():
         torch.testing.assert_close(got["scores"][a], exp["scores"][b], rtol=0, atol=1e-6)
         torch.testing.assert_close(got["boxes"][a], exp["boxes"][b], rtol=0, atol=1e-4)
         assert torch.equal(got["labels"][a], exp["labels"][b])
-
-
-@pytest.mark.parametrize("clustered", [True, False])
-def test_prefix_nms_equals_full_batched_nms(clustered):
-    """NMS on each image's best candidates only (grown until enough are kept) = full NMS, first D per image."""
-    from torchvision.ops import batched_nms
-
-    gen = torch.Generator().manual_seed(6)
-    batch, n, k, d = 4, 600, 3, 12
-    centres = torch.rand(batch, 1 if clustered else n, 2, generator=gen) * 200  # one cluster: heavy suppression
-    pick = torch.randint(0, centres.shape[1], (batch, n), generator=gen)
-    xy = centres.gather(1, pick[..., None].expand(-1, -1, 2)) + torch.randn(batch, n, 2, generator=gen) * 3
-    wh = 20 + torch.rand(batch, n, 2, generator=gen) * 10
-    boxes = torch.cat([xy, xy + wh], -1).reshape(-1, 4)
-    scores = torch.rand(batch * n, generator=gen)
-    img = torch.arange(batch).repeat_interleave(n)
-    labels = torch.randint(0, k, (batch * n,), generator=gen)
-    keep_img = torch.rand(batch * n, generator=gen) > 0.1  # images with different candidate counts
-    boxes, scores, img, labels = boxes[keep_img], scores[keep_img], img[keep_img], labels[keep_img]
-    group = img * k + labels
-    post = PostProcessor(nms_thresh=0.5, detections_per_img=d)
-    got = post._class_nms(boxes, scores, img, group, batch)
-    full = batched_nms(boxes, scores, group, 0.5)
-    for b in range(batch):
-        assert torch.equal(got[img[got] == b][:d], full[img[full] == b][:d])
-    if clustered:  # some image keeps fewer than d of its 2 d best candidates: the prefix had to grow
-        best = [scores[img == b].topk(2 * d).values[-1] for b in range(batch)]
-        assert any(((img[full] == b) & (scores[full] >= best[b])).sum() < d for b in range(batch))

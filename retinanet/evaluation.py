@@ -49,10 +49,12 @@ def to_coco_results(detections: list[dict], image_ids, label_to_cat_id: list[int
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids=None) -> dict:
+def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids=None, with_precision: bool = False) -> dict:
     """Run COCOeval on ``results``. Returns ``{"stats": {name: value}, "per_class": {cat_id: AP}}``.
 
     With no detections at all every number is 0 (pycocotools cannot load an empty result list).
+    ``with_precision`` adds ``"precision"``: COCOeval's array [IoU, recall, class (sorted ids), area,
+    max dets] (for PR curves; a numpy array, so pop it before writing the metrics as JSON).
     """
     cat_ids = sorted(coco_gt.getCatIds())
     if not results:
@@ -72,7 +74,10 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids=None) -> dict:
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
         per_class[int(cat)] = float(p.mean()) if p.size else float("nan")
-    return {"stats": stats, "per_class": per_class}
+    out = {"stats": stats, "per_class": per_class}
+    if with_precision:
+        out["precision"] = precision
+    return out
 
 
 def format_metrics(metrics: dict, class_names: dict[int, str]) -> str:

@@ -31,6 +31,7 @@ from retinanet.ema import ModelEma
 from retinanet.engine import TERMS, EpochProgress, StepContext, predict, train_one_epoch
 from retinanet.errors import ConfigError
 from retinanet.evaluation import coco_evaluate, format_metrics, to_coco_results
+from retinanet.tensorboard import log_eval_visuals, log_hparams
 from retinanet.resume import Checkpointer, StopSignal, TrainState
 from retinanet.model.init import init_from
 
@@ -219,6 +220,9 @@ def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
     try:
         train_epochs(cfg, state, train_model, train_loader, optimizer, scheduler, ctx, checkpointer, stop,
                      (model, ema, val_loader, postprocess, val_set))
+        evaluated = [e for e in state.history if "val" in e]
+        if writer is not None and evaluated:  # the HParams tab: this run's settings with its final numbers
+            log_hparams(writer, cfg, evaluated[-1].get("val_ema") or evaluated[-1]["val"], step=state.step)
     finally:
         if writer is not None:
             writer.close()
@@ -273,7 +277,7 @@ def evaluate_epoch(entry: dict, model, ema, val_loader, postprocess, ctx: StepCo
     for key, net in (("val", model), ("val_ema", None if ema is None else ema.module)):
         if net is None:
             continue
-        metrics = evaluate_split(net, val_loader, postprocess, ctx, val_set)
+        metrics = evaluate_split(net, val_loader, postprocess, ctx, val_set, step=entry["step"], prefix=key)
         entry[key] = metrics
         if writer is not None:
             for name, value in {**metrics["stats"], **metrics["loss"]}.items():
@@ -318,12 +322,14 @@ def alpha_override(cfg: DictConfig, train_set: CocoDetection) -> dict:
     return {"alpha": alpha}
 
 
-def evaluate_split(model, loader, postprocess, ctx: StepContext, dataset: CocoDetection) -> dict:
+def evaluate_split(model, loader, postprocess, ctx: StepContext, dataset: CocoDetection, step: int | None = None,
+                   prefix: str = "val") -> dict:
     """Detections on ``loader`` -> COCO numbers, per-class AP and mean validation losses.
 
     Under DDP each rank predicts its share of the images; rank 0 gathers them, drops the repeats
     that pad the shares to equal length and runs COCOeval once; every rank gets the metrics.
-    (Visual hooks, e.g. TensorBoard images of detections, belong here: after the gather, rank 0.)
+    With a TensorBoard writer and a ``step``, rank 0 also logs what the detector does (val images
+    with ground truth and detections, per-class PR curves and AP, the score distribution) under ``prefix``.
     """
     t0 = time.perf_counter()
     detections, image_ids, losses = predict(model, loader, postprocess, ctx)
@@ -335,7 +341,10 @@ def evaluate_split(model, loader, postprocess, ctx: StepContext, dataset: CocoDe
     metrics = None
     if distributed.info().is_main:
         results = to_coco_results(detections, image_ids, dataset.label_to_cat_id)
-        metrics = coco_evaluate(dataset.coco, results, image_ids)
+        metrics = coco_evaluate(dataset.coco, results, image_ids, with_precision=True)
+        precision = metrics.pop("precision", None)
+        if ctx.writer is not None and step is not None:
+            log_eval_visuals(ctx.writer, step, dataset, detections, image_ids, metrics, precision, prefix=prefix)
         metrics["loss"] = losses
         metrics["images"] = len(image_ids)
         metrics["seconds"] = time.perf_counter() - t0

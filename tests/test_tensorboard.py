@@ -178,3 +178,37 @@ def test_hparams_include_command_line_overrides_inside_a_hydra_job():
     assert hp["model"] == "retinanet_r50" and hp["model.name"] == "retinanet_r50" and hp["sweep"] == "demo"
     assert hp["trainer.epochs"] == 5 and hp["optim.lr"] == cfg.optim.lr  # from the config, not overridden
     assert not any(k.startswith("hydra") for k in hp)
+
+
+def test_training_run_logs_visuals_pr_curves_and_hparams(tiny_shapes, tmp_path):
+    """End to end: a short training run's own event file holds what the detector does at each evaluation."""
+    from retinanet.trainer import run
+
+    out = tmp_path / "run"
+    ap = run(compose_train(tiny_train_overrides(tiny_shapes, 2) + [
+        "trainer.eval_every=1", "postprocess.score_thresh=0.001", "loss.gamma=1.5", "trainer.threads=1"]), out)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    steps = [e["step"] for e in history]
+    assert len(steps) == 2 and "precision" not in history[-1]["val"]  # the numpy array never reaches the JSON
+    acc = read_events(out / "tensorboard")
+    tags = acc.Tags()
+
+    image_tags = [t for t in tags["images"] if t.startswith("val_images/")]
+    assert len(image_tags) == 4
+    assert [e.step for e in acc.Images(image_tags[0])] == steps  # drawn at every evaluation
+    pr_tags = acc.PluginTagToContent("pr_curves")
+    assert pr_tags and all(t.startswith("val_pr_iou50/") for t in pr_tags)
+    assert [e.step for e in acc.Tensors(next(iter(pr_tags)))] == steps
+    ap_tags = [t for t in tags["scalars"] if t.startswith("val_ap/")]
+    assert ap_tags and [e.step for e in acc.Scalars(ap_tags[0])] == steps
+    assert acc.Histograms("val/score_hist")[-1].step == steps[-1]
+    for tag in ("train/num_pos_per_image", "train/grad_norm"):
+        values = [e.value for e in acc.Scalars(tag)]
+        assert values and all(np.isfinite(values)) and max(values) > 0
+
+    hp_content = acc.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hp_content
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["loss.gamma"].number_value == 1.5
+    assert acc.Scalars("hparam/AP")[-1].value == pytest.approx(ap)
+    assert acc.Scalars("hparam/AP")[-1].step == steps[-1]

@@ -98,9 +98,10 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_json(obj, path: str | os.PathLike) -> None:
-    """JSON (indented, UTF-8), atomically."""
-    data = json.dumps(obj, indent=2, allow_nan=True).encode()
+def atomic_write_json(obj, path: str | os.PathLike, indent: int | None = 2) -> None:
+    """JSON (UTF-8), atomically; indented for people, ``indent=None`` for bulk data (detections):
+    compact, and written by json's C encoder, several times faster."""
+    data = json.dumps(obj, indent=indent, allow_nan=True).encode()
     _atomic_write(path, lambda f: f.write(data))
 
 

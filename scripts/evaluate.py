@@ -47,7 +47,7 @@ def run(cfg: DictConfig, out_dir) -> dict:
     results = to_coco_results(detections, image_ids, cat_ids)
     metrics = coco_evaluate(dataset.coco, [dict(r) for r in results], image_ids)  # loadRes adds keys in place
     out_dir = Path(out_dir)
-    atomic_write_json(results, out_dir / "results.json")
+    atomic_write_json(results, out_dir / "results.json", indent=None)
     summary = {"checkpoint": str(cfg.checkpoint), "annotations": dataset.ann_file, "images": len(image_ids),
                "skipped_images": dataset.load_skipped, "skipped_records": dataset.skipped,
                "num_detections": len(results), **metrics}

@@ -75,7 +75,7 @@ def run(cfg: DictConfig, out_dir) -> dict:
               "categories": [{"id": c, "name": n} for c, n in zip(detector.category_ids, detector.class_names)],
               "annotations": anns, "skipped_files": [str(p) for p in others],
               "unreadable_files": [str(paths[i]) for i in unreadable]}
-    atomic_write_json(result, out_dir / "detections.json")
+    atomic_write_json(result, out_dir / "detections.json", indent=None)
     print(f"{len(anns)} detections on {len(images)} images -> {out_dir / 'detections.json'}"
           + (f", rendered images in {out_dir / 'rendered'}" if cfg.render else ""))
     if others:

@@ -42,6 +42,8 @@ def micro_overrides(root: Path, epochs: int = 2) -> list[str]:
         f"trainer.epochs={epochs}", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.num_workers=0",
         "trainer.progress=false", "trainer.log_every=1", "trainer.threads=1", "model.net.fpn_channels=16",
         "model.net.head_width=16", "model.net.head_depth=1", "schedule.warmup_steps=2",
+        # every augmentation on (the shapes preset keeps only the flip): resumes must replay all of them
+        "data.augment.scale_range=[0.8,1.2]", "data.augment.translate=0.1", "data.augment.color_jitter=0.2",
     ]
 
 

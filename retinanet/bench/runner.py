@@ -150,7 +150,7 @@ def run(size: str, out_dir: Path, cases=CASES, memory: bool = True, data_root: P
         consume = step["params"]["batch"] / step["times"]["ours"]["median_s"]
         r["train_step_images_per_s"] = consume
         ratio = r["images_per_s"] / consume
-        rows.append(row("5", f"train DataLoader ({r['num_workers']} worker, augmentation) vs CPU demo train step",
+        rows.append(row("5", f"train DataLoader ({r['num_workers']} worker, full augmentation) vs CPU demo train step",
                         f"{r['images_per_s']:.1f} img/s", f"step uses {consume:.1f} img/s", ratio, ">= 2x",
                         ratio >= 2))
     if "flops" in cases:

@@ -85,3 +85,26 @@ def test_loss_case_contenders_return_the_same_losses_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert state.cls.grad is None  # each run leaves the inputs as it found them
     assert postprocess.SETTINGS["detections_per_img"] == 100
+
+
+def test_train_step_profile_groups_operators_and_finds_the_convolutions(one_thread):
+    import importlib.util
+    from pathlib import Path
+
+    from retinanet.bench import train
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_train_step.py"
+    spec = importlib.util.spec_from_file_location("profile_train_step", path)
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    assert prof.family("aten::mkldnn_convolution") == "convolution"
+    assert prof.family("aten::convolution_backward") == "convolution"
+    assert prof.family("aten::native_batch_norm") == "batch/group norm"
+    assert prof.family("aten::_foreach_addcdiv_") == "optimizer (foreach)"  # the first matching family wins
+    assert prof.family("aten::add_") == "elementwise"
+    assert prof.family("aten::nonzero") == "other"
+    state = train.setup(preset="retinanet_r18_cpu", batch=1, height=64, width=64, num_classes=3, optim="adamw",
+                        nchw=False)
+    totals, total = prof.profile_step(state.step_ours, steps=1)
+    assert total == pytest.approx(sum(totals.values())) and total > 0
+    assert totals["convolution"] > 0 and totals["elementwise"] > 0  # (on CPU, AdamW runs per-tensor ops)

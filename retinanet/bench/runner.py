@@ -31,7 +31,7 @@ SIZES = {
         "inference_r18": {"preset": R18, "batch": 16, "height": 160, "width": 160},
         "endtoend": {"images": 64, "batch_size": 8},
         "data": {"batches": 10},
-        "repeats": {"loss": 5, "postprocess": 5, "train": 3, "inference": 3, "endtoend": 3},
+        "repeats": {"loss": 5, "postprocess": 5, "train": 5, "inference": 7, "endtoend": 3},  # medians of paired rounds
         "warmup": 1,
     },
     "tiny": {  # seconds: for tests of the harness

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
 from retinanet.data.build import build_dataset, build_loader  # noqa: E402
-from retinanet.errors import ConfigError, UserError  # noqa: E402
+from retinanet.errors import ConfigError  # noqa: E402
 from retinanet.evaluation import coco_evaluate, format_metrics, to_coco_results  # noqa: E402
 from retinanet.inference import dataset_category_ids, detect, load_detector  # noqa: E402
 
@@ -61,15 +60,8 @@ def run(cfg: DictConfig, out_dir) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    try:
-        with torch.inference_mode():
-            out_dir = cfg.output if cfg.output is not None else HydraConfig.get().runtime.output_dir
-            return run(cfg, out_dir)["stats"]["AP"]
-    except MissingMandatoryValue as err:
-        log.error("%s is mandatory: set it on the command line, e.g. %s=...", err.full_key, err.full_key)
-    except UserError as err:
-        log.error("%s", err)
-    sys.exit(2)
+    with torch.inference_mode():
+        return run_or_exit(run, cfg)["stats"]["AP"]
 
 
 if __name__ == "__main__":

@@ -17,17 +17,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
 from retinanet.data.build import build_loader  # noqa: E402
 from retinanet.data.image_io import ImageReadError, load_rgb  # noqa: E402
-from retinanet.errors import UserError  # noqa: E402
 from retinanet.inference import ImageFiles, detect, find_images, load_detector  # noqa: E402
 from retinanet.visualize import draw_detections  # noqa: E402
 
@@ -87,15 +85,8 @@ def run(cfg: DictConfig, out_dir) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="infer")
 def main(cfg: DictConfig) -> None:
-    try:
-        with torch.inference_mode():
-            run(cfg, cfg.output if cfg.output is not None else HydraConfig.get().runtime.output_dir)
-        return
-    except MissingMandatoryValue as err:
-        log.error("%s is mandatory: set it on the command line, e.g. %s=...", err.full_key, err.full_key)
-    except UserError as err:
-        log.error("%s", err)
-    sys.exit(2)
+    with torch.inference_mode():
+        run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

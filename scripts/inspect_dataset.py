@@ -17,16 +17,15 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
 from retinanet.data.build import build_dataset  # noqa: E402
-from retinanet.errors import ConfigError, UserError  # noqa: E402
+from retinanet.errors import ConfigError  # noqa: E402
 from retinanet.inspect import (anchor_coverage, dataset_statistics, format_report, render_samples,  # noqa: E402
                                suggested_alpha)
 
@@ -57,14 +56,7 @@ def run(cfg: DictConfig, out_dir) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="inspect")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, cfg.output if cfg.output is not None else HydraConfig.get().runtime.output_dir)
-        return
-    except MissingMandatoryValue as err:
-        log.error("%s is mandatory: set it on the command line, e.g. %s=...", err.full_key, err.full_key)
-    except UserError as err:
-        log.error("%s", err)
-    sys.exit(2)
+    run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def _min_size(cfg: DictConfig) -> None:
         raise ConfigError(f"data.min_size={shown!r} must be a positive integer or a non-empty list of them "
                           "(multi-scale training: each training image draws its shorter side from the list)")
     _number(cfg, "data.max_size", max(values), integer=True)
+    for key in ("data.eval_min_size", "data.eval_max_size"):  # absent (older configs) or null: the training resize
+        _number(cfg, key, 1, integer=True, allow_none=True)
 
 
 def validate_train_config(cfg: DictConfig) -> None:

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from tqdm import tqdm
 
 from retinanet.checkpoint import load_checkpoint
+from retinanet.data.build import eval_resize
 from retinanet.data.collate import Batch
 from retinanet.data.image_io import IMAGE_EXTENSIONS, ImageReadError, load_rgb
 from retinanet.data.transforms import build_transforms
@@ -122,8 +123,8 @@ def load_detector(path, device: str | torch.device = "cpu", min_size: int | None
     return Detector(model=model, anchors=anchors, postprocess=instantiate(post_cfg),
                     class_names=list(label_map["class_names"]),
                     category_ids=[int(c) for c in label_map["category_ids"]],
-                    min_size=min_size if min_size is not None else data["min_size"],
-                    max_size=max_size if max_size is not None else data["max_size"],
+                    min_size=min_size if min_size is not None else eval_resize(data)[0],
+                    max_size=max_size if max_size is not None else eval_resize(data)[1],
                     size_divisible=int(data["size_divisible"]), device=device, config=cfg)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -37,8 +37,7 @@ def run(cfg: DictConfig, out_dir) -> dict:
                              nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img)
     if cfg.data.generate is not None:
         instantiate(cfg.data.generate)
-    data_cfg = OmegaConf.merge(cfg.data, {"min_size": detector.min_size, "max_size": detector.max_size})
-    dataset = build_dataset(data_cfg, cfg.split, train=False)
+    dataset = build_dataset(cfg.data, cfg.split, train=False, resize=(detector.min_size, detector.max_size))
     cat_ids = dataset_category_ids(detector, dataset)
     loader = build_loader(dataset, cfg.batch_size, False, cfg.num_workers, detector.size_divisible, 0,
                           detector.device.type == "cuda")

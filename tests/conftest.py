@@ -31,7 +31,8 @@ def tiny_train_overrides(root: Path, out_epochs: int = 2) -> list[str]:
     """Overrides for a fast CPU run on ``tiny_shapes``."""
     return [
         f"data.root={root}", "data.generate.num_train=48", "data.generate.num_val=16", "data.generate.seed=1",
-        "data.min_size=128", "data.max_size=128", f"trainer.epochs={out_epochs}", "trainer.batch_size=8",
+        "data.min_size=128", "data.max_size=128", "data.eval_min_size=null", "data.eval_max_size=null",
+        f"trainer.epochs={out_epochs}", "trainer.batch_size=8",
         "trainer.eval_batch_size=16", "trainer.num_workers=0", "trainer.progress=false", "trainer.log_every=1",
         "model.net.fpn_channels=32", "model.net.head_width=32", "model.net.head_depth=2",
         "schedule.warmup_steps=2", "data.generate.workers=1",

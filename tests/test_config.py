@@ -35,6 +35,8 @@ def test_model_presets_compose(preset):
     ("loss.matcher.bg_iou=0.6", "loss.matcher.bg_iou=0.6 must be <="),
     ("device=tpu", "device='tpu'"),
     ("data.size_divisible=100", "data.size_divisible=100 must be a multiple of 32"),
+    ("data.eval_min_size=0", "data.eval_min_size=0 must be >= 1"),
+    ("data.eval_max_size=1.5", "data.eval_max_size=1.5 must be an integer"),
 ])
 def test_bad_values_name_key_and_value(override, message):
     cfg = compose_train([override])

@@ -19,9 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, compose_train, tiny_train_overrides
 from retinanet.checkpoint import load_checkpoint
-from retinanet.data.build import SkippingCollate, build_dataset, build_loader
+from retinanet.data.build import SkippingCollate, build_dataset, build_loader, eval_resize
+from retinanet.data.transforms import resized_shape
 from retinanet.engine import StepContext
 from retinanet.evaluation import STAT_LABELS, STAT_NAMES
 from retinanet.inference import CheckpointError, InputError, LabelMapError, load_detector
@@ -214,3 +215,33 @@ def test_cli_fails_clearly_with_exit_code_2(script, args, expected, tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text
     assert expected in text and "Traceback" not in text
+
+
+def test_evaluation_resize_is_separate_from_the_training_resize(tiny_run):
+    """data.eval_min_size / eval_max_size resize the val split only; null falls back key by key."""
+    base = tiny_train_overrides(tiny_run.root) + ["data.generate=null", "data.min_size=64", "data.max_size=64"]
+    cfg = compose_train(base + ["data.eval_min_size=96", "data.eval_max_size=128"])
+    train, val = build_dataset(cfg.data, "train", train=True), build_dataset(cfg.data, "val", train=False)
+    assert (train.transform.min_size, train.transform.max_size) == (64, 64)
+    assert (val.transform.min_size, val.transform.max_size) == (96, 128)
+    with Image.open(tiny_run.root / "val" / "000000.png") as im:
+        width, height = im.size
+    assert tuple(val[0]["image"].shape[:2]) == resized_shape(height, width, 96, 128) != (height, width)  # HWC
+    only_max = compose_train(base + ["data.eval_max_size=80"]).data
+    assert eval_resize(only_max) == (64, 80)
+    assert eval_resize({"min_size": [48, 64], "max_size": 96}) == ([48, 64], 96)  # older configs: no eval keys
+
+
+def test_checkpoint_evaluates_at_its_evaluation_resize(tiny_run, tmp_path):
+    ckpt = load_checkpoint(tiny_run.checkpoint)
+    assert (ckpt["config"]["data"]["eval_min_size"], ckpt["config"]["data"]["eval_max_size"]) == (None, None)
+    detector = load_detector(tiny_run.checkpoint)
+    assert (detector.min_size, detector.max_size) == (64, 96)  # the training resize
+    ckpt["config"]["data"]["eval_min_size"] = 100
+    path = tmp_path / "eval_resize.pt"
+    torch.save(ckpt, path)
+    detector = load_detector(path)
+    assert (detector.min_size, detector.max_size) == (100, 96)
+    assert detector.transform().min_size == 100
+    detector = load_detector(path, min_size=80, max_size=120)  # explicit values (evaluate.py / infer.py) win
+    assert (detector.min_size, detector.max_size) == (80, 120)

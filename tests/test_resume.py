@@ -39,6 +39,7 @@ def micro_overrides(root: Path, epochs: int = 2) -> list[str]:
     """A tiny, single-threaded CPU run on ``make_micro_shapes`` data (one thread: no oversubscription)."""
     return [
         f"data.root={root}", "data.generate=null", "data.min_size=64", "data.max_size=64",
+        "data.eval_min_size=null", "data.eval_max_size=null",
         f"trainer.epochs={epochs}", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.num_workers=0",
         "trainer.progress=false", "trainer.log_every=1", "trainer.threads=1", "model.net.fpn_channels=16",
         "model.net.head_width=16", "model.net.head_depth=1", "schedule.warmup_steps=2",

@@ -11,6 +11,8 @@ several ranks read every ``num_replicas``-th image (padded to equal shares: call
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from omegaconf import DictConfig
 
@@ -20,11 +22,27 @@ from retinanet.data.samplers import EpochBatchSampler, SeededSamples, aspect_gro
 from retinanet.data.transforms import build_transforms
 
 
-def build_dataset(data_cfg: DictConfig, split: str, train: bool) -> CocoDetection:
-    """The dataset of one split with its transform (augmented for training)."""
+def eval_resize(data_cfg: Mapping) -> tuple:
+    """The evaluation / inference resize ``(min_size, max_size)`` of a data config (or a checkpoint's copy).
+
+    ``eval_min_size`` / ``eval_max_size`` when set, each one otherwise the training value (a list
+    ``min_size``, multi-scale training, is evaluated at its largest value by ``build_transforms``).
+    """
+    pick = lambda key: data_cfg.get(f"eval_{key}") if data_cfg.get(f"eval_{key}") is not None else data_cfg.get(key)  # noqa: E731
+    return pick("min_size"), pick("max_size")
+
+
+def build_dataset(data_cfg: DictConfig, split: str, train: bool, resize: tuple | None = None) -> CocoDetection:
+    """The dataset of one split with its transform (augmented for training).
+
+    Training resizes with ``data.min_size`` / ``max_size``, evaluation with ``eval_resize(data_cfg)``
+    unless ``resize=(min_size, max_size)`` is given (e.g. a checkpoint's own).
+    """
     aug = data_cfg.augment  # a list data.min_size is multi-scale training (evaluation uses its largest value)
+    if resize is None:
+        resize = (data_cfg.min_size, data_cfg.max_size) if train else eval_resize(data_cfg)
     transform = build_transforms(
-        train=train, min_size=data_cfg.min_size, max_size=data_cfg.max_size,
+        train=train, min_size=resize[0], max_size=resize[1],
         hflip_prob=aug.hflip_prob, scale_range=tuple(aug.scale_range), translate=aug.translate,
         color_jitter=aug.color_jitter, min_visibility=aug.min_visibility,
     )

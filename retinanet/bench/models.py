@@ -17,9 +17,14 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def preset(name: str) -> DictConfig:
-    """``configs/model/<name>.yaml`` with random initialisation (``weights: null``: nothing downloaded)."""
+    """``configs/model/<name>.yaml`` with random initialisation (``weights: null``: nothing downloaded).
+
+    The subnets get torchvision's four conv layers (the CPU preset trains with two, which
+    ``RetinaNetHead`` cannot build): the comparison needs the same layers on both sides.
+    """
     cfg = OmegaConf.load(CONFIGS / "model" / f"{name}.yaml")
     cfg.net.weights = None
+    cfg.net.head_depth = 4
     return cfg
 
 

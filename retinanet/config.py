@@ -77,8 +77,6 @@ def _min_size(cfg: DictConfig) -> None:
         raise ConfigError(f"data.min_size={shown!r} must be a positive integer or a non-empty list of them "
                           "(multi-scale training: each training image draws its shorter side from the list)")
     _number(cfg, "data.max_size", max(values), integer=True)
-    for key in ("data.eval_min_size", "data.eval_max_size"):  # absent (older configs) or null: the training resize
-        _number(cfg, key, 1, integer=True, allow_none=True)
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -122,6 +120,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     _number(cfg, "model.net.frozen_stages", 0, 5, integer=True)
     _number(cfg, "model.net.prior_prob", 0, 1, lo_open=True)
     _min_size(cfg)
+    for key in ("data.eval_min_size", "data.eval_max_size"):  # absent (older configs) or null: the training resize
+        _number(cfg, key, 1, integer=True, allow_none=True)
     _number(cfg, "data.size_divisible", 1, integer=True)
     if cfg.data.size_divisible % 32:
         raise ConfigError(f"data.size_divisible={cfg.data.size_divisible} must be a multiple of 32 (the stride of C5)")

@@ -120,11 +120,12 @@ def load_detector(path, device: str | torch.device = "cpu", min_size: int | None
     model.to(device).eval()
     post_cfg = {**cfg["postprocess"], **{k: v for k, v in postprocess_overrides.items() if v is not None}}
     data = cfg["data"]
+    eval_min, eval_max = eval_resize(data)
     return Detector(model=model, anchors=anchors, postprocess=instantiate(post_cfg),
                     class_names=list(label_map["class_names"]),
                     category_ids=[int(c) for c in label_map["category_ids"]],
-                    min_size=min_size if min_size is not None else eval_resize(data)[0],
-                    max_size=max_size if max_size is not None else eval_resize(data)[1],
+                    min_size=min_size if min_size is not None else eval_min,
+                    max_size=max_size if max_size is not None else eval_max,
                     size_divisible=int(data["size_divisible"]), device=device, config=cfg)
 
 

@@ -79,9 +79,9 @@ def anchor_coverage(dataset, anchors, matcher: Matcher, min_size: int | None, ma
     median best IoU; plus box-size and aspect-ratio distributions. ``anchors`` is an ``AnchorGenerator``.
 
     With ``max_images`` only that many images, evenly spaced over the dataset, are examined. A list
-    ``min_size`` (multi-scale training) is examined at its largest value, the evaluation resize.
+    ``min_size`` (multi-scale training) is examined at its largest value.
     """
-    if min_size is not None and not isinstance(min_size, (int, float)):  # multi-scale list: the eval resize
+    if min_size is not None and not isinstance(min_size, (int, float)):  # multi-scale list: its largest size
         min_size = max(int(v) for v in min_size)
     n = len(dataset)
     index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round().astype(int)

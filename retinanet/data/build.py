@@ -28,7 +28,10 @@ def eval_resize(data_cfg: Mapping) -> tuple:
     ``eval_min_size`` / ``eval_max_size`` when set, each one otherwise the training value (a list
     ``min_size``, multi-scale training, is evaluated at its largest value by ``build_transforms``).
     """
-    pick = lambda key: data_cfg.get(f"eval_{key}") if data_cfg.get(f"eval_{key}") is not None else data_cfg.get(key)  # noqa: E731
+    def pick(key: str):
+        value = data_cfg.get(f"eval_{key}")
+        return data_cfg.get(key) if value is None else value
+
     return pick("min_size"), pick("max_size")
 
 

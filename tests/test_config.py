@@ -25,6 +25,24 @@ def test_model_presets_compose(preset):
     assert cfg.model.name == preset
 
 
+def test_cpu_preset_brings_its_own_loss_and_every_other_model_keeps_the_papers():
+    paper = compose_train(["loss=focal"]).loss
+    assert (paper.gamma, paper.alpha, paper.matcher.fg_iou, paper.matcher.bg_iou) == (2.0, 0.25, 0.5, 0.4)
+
+    demo = compose_train().loss  # model=retinanet_r18_cpu (the default) swaps in loss=focal_cpu
+    assert (demo.gamma, demo.alpha, demo.matcher.fg_iou, demo.matcher.bg_iou) == (0.5, 0.5, 0.35, 0.25)
+    changed = {"gamma", "alpha", "matcher"}
+    assert {k: v for k, v in demo.items() if k not in changed} == {k: v for k, v in paper.items() if k not in changed}
+    assert demo.matcher.allow_low_quality == paper.matcher.allow_low_quality
+
+    for preset in ("retinanet_r50", "retinanet_r101"):
+        assert compose_train([f"model={preset}"]).loss == paper
+    # the command line wins over the preset's choice, group and keys alike
+    assert compose_train(["loss=torchvision_v1"]).loss.box_loss == "l1"
+    tuned = compose_train(["loss.gamma=3", "loss.matcher.fg_iou=0.45"]).loss
+    assert (tuned.gamma, tuned.alpha, tuned.matcher.fg_iou) == (3, 0.5, 0.45)
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
     ("optim.lr=-1", "optim.lr=-1 must be > 0"),

@@ -37,6 +37,7 @@ def test_cpu_preset_brings_its_own_loss_and_every_other_model_keeps_the_papers()
 
     for preset in ("retinanet_r50", "retinanet_r101"):
         assert compose_train([f"model={preset}"]).loss == paper
+    assert compose_train(["+sweep=demo"]).loss == paper  # `make sweep-demo` varies gamma / alpha of the paper's loss
     # the command line wins over the preset's choice, group and keys alike
     assert compose_train(["loss=torchvision_v1"]).loss.box_loss == "l1"
     tuned = compose_train(["loss.gamma=3", "loss.matcher.fg_iou=0.45"]).loss

@@ -188,3 +188,23 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
 def test_bad_parameters_are_named(tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message):
         ensure_shapes_dataset(tmp_path / "x", **kwargs)
+
+
+def _worker_handlers(_):
+    import signal
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_render_workers_do_not_inherit_the_trainers_stop_handler(tmp_path):
+    """The trainer installs its SIGTERM handler before it generates the data; the pool's shutdown
+    (SIGTERM to each worker) must end the workers, not log "SIGTERM received" from each of them."""
+    from retinanet.resume import StopSignal
+
+    stop = StopSignal().install()
+    try:
+        with shapes._pool(2) as pool:
+            assert pool.map(_worker_handlers, range(4)) == [(True, True)] * 4
+        ensure_shapes_dataset(tmp_path / "d", num_train=4, num_val=2, seed=3, workers=2)
+        assert not stop.requested()
+    finally:
+        stop.restore()

@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import uuid
 import zlib
 from pathlib import Path
@@ -197,6 +198,19 @@ def render_image(rng: np.random.Generator, image_size=(160, 224), object_size=(1
     return image, objects
 
 
+def _worker_signals() -> None:
+    """Pool initializer: the default SIGTERM (the pool's own ``terminate`` must end a worker), SIGINT ignored
+    (Ctrl-C is the parent's). A forked worker would otherwise inherit the trainer's stop handler, and the
+    pool's shutdown would read as "SIGTERM received: stopping after the current step" in the run's log."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool(workers: int):
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    return ctx.Pool(workers, initializer=_worker_signals)
+
+
 def _render_job(job: tuple) -> tuple[int, int, list]:
     """Draw image ``index`` of ``split`` and write it as PNG (module level: runs in pool workers)."""
     seed, split, index, out_dir, params = job
@@ -249,8 +263,7 @@ def _generate(tmp: Path, manifest: dict, workers: int) -> None:
     results = []
     with tqdm(total=len(jobs), desc="generating shapes dataset", unit="img", dynamic_ncols=True) as bar:
         if workers > 1:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            with ctx.Pool(workers) as pool:
+            with _pool(workers) as pool:
                 for result in pool.imap(_render_job, jobs, chunksize=8):  # imap keeps the job order
                     results.append(result)
                     bar.update()

@@ -53,8 +53,11 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 
 def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(micro, tmp_path):
-    # group norm: the result does not depend on how the batch is split (batch norm statistics would)
-    base = micro_overrides(micro) + ["model.net.norm=gn", "trainer.deterministic=true"]
+    # group norm: the result does not depend on how the batch is split (batch norm statistics would).
+    # loss=focal: the tolerances below were measured with it. Under the CPU preset's focal_cpu the losses
+    # agree as well, but AdamW turns float-order noise on near-zero gradients into weight differences up
+    # to 1.7e-4 after 8 steps (measured), so the weight check would test Adam's sensitivity, not the DDP sums.
+    base = micro_overrides(micro) + ["loss=focal", "model.net.norm=gn", "trainer.deterministic=true"]
     single = tmp_path / "single"
     run(compose_train(base + ["trainer.batch_size=4", "trainer.eval_batch_size=8"]), single)
 

@@ -54,8 +54,9 @@ def reference_cls_loss(logits, anchors, gt_boxes, gt_labels, alpha, gamma, eps=0
 
 
 def build(overrides, train_counts=None):
-    """The loss as ``scripts/train.py`` builds it (validated config, ``alpha=auto`` resolved from counts)."""
-    cfg = compose_train(overrides)
+    """The loss as ``scripts/train.py`` builds it (validated config, ``alpha=auto`` resolved from counts),
+    from ``loss=focal``: the paper's defaults and ``Matcher()``'s thresholds, as ``reference_cls_loss`` uses."""
+    cfg = compose_train(["loss=focal", *overrides])
     validate_train_config(cfg)
     dataset = SimpleNamespace(class_counts=lambda: train_counts)
     return instantiate(cfg.loss, num_classes=K, **alpha_override(cfg, dataset))

@@ -110,7 +110,7 @@ def test_eval_visuals_and_hparams_are_in_the_event_file(tiny_eval, tmp_path):
     start = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/session_start_info"])
     values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
               for k, v in start.session_start_info.hparams.items()}
-    assert values["loss.gamma"] == 1.5 and values["loss.alpha"] == 0.25 and values["model.name"] == "retinanet_r18_cpu"
+    assert values["loss.gamma"] == 1.5 and values["loss.alpha"] == cfg.loss.alpha and values["model.name"] == "retinanet_r18_cpu"
     assert values.keys() == hp.keys() and all(values[k] == pytest.approx(v) for k, v in hp.items())
     end = plugin_data_pb2.HParamsPluginData.FromString(hp_content["_hparams_/session_end_info"])
     assert end.session_end_info.status == api_pb2.Status.Value("STATUS_SUCCESS")

@@ -190,6 +190,7 @@ def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
     log.info("model %s: %.2fM parameters, %d steps of %d images (%d per process x %d process(es) x %d accumulated) "
              "on %s", cfg.model.name, n_params / 1e6, total_steps, global_batch, cfg.trainer.batch_size,
              dist_info.world_size, accumulate, device)
+    log.info("loss: %s", describe_loss(cfg.loss))
 
     checkpointer = Checkpointer(
         out_dir, model, optimizer, scheduler, scaler, ema, config=resolved, label_map=label_map(train_set),
@@ -309,6 +310,23 @@ def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set: CocoDetec
         print(f"\ntraining throughput: {throughput:.1f} images/s ({images:.0f} images in {seconds:.0f} s)")
         print(f"outputs: {out_dir}")
     return float(metrics["stats"]["AP"])
+
+
+PAPER_LOSS = {"alpha": 0.25, "gamma": 2.0, "fg_iou": 0.5, "bg_iou": 0.4}  # Lin et al. 2017
+
+
+def describe_loss(loss_cfg: DictConfig) -> str:
+    """One line for the log: the focal-loss and matcher values in use, with the paper's when they differ
+    (the CPU preset's ``loss=focal_cpu`` does, and a user should see it)."""
+    values = {"alpha": loss_cfg.alpha, "gamma": loss_cfg.gamma,
+              "fg_iou": loss_cfg.matcher.fg_iou, "bg_iou": loss_cfg.matcher.bg_iou}
+    box = str(loss_cfg.box_loss) + (f" (beta {loss_cfg.beta})" if loss_cfg.box_loss == "smooth_l1" else "")
+    text = (f"sigmoid focal alpha {values['alpha']}, gamma {values['gamma']}"
+            + (f", label smoothing {loss_cfg.label_smoothing}" if loss_cfg.get("label_smoothing") else "")
+            + f"; box {box}; matcher fg_iou {values['fg_iou']} / bg_iou {values['bg_iou']}")
+    if values != PAPER_LOSS:
+        text += " (the paper: alpha 0.25, gamma 2, matcher 0.5 / 0.4, i.e. loss=focal)"
+    return text
 
 
 def alpha_override(cfg: DictConfig, train_set: CocoDetection) -> dict:

@@ -44,6 +44,18 @@ def test_cpu_preset_brings_its_own_loss_and_every_other_model_keeps_the_papers()
     assert (tuned.gamma, tuned.alpha, tuned.matcher.fg_iou) == (3, 0.5, 0.45)
 
 
+def test_the_run_log_names_the_loss_values_and_says_when_they_are_not_the_papers():
+    from retinanet.trainer import describe_loss
+
+    demo = describe_loss(compose_train().loss)
+    assert demo.startswith("sigmoid focal alpha 0.5, gamma 0.5; box smooth_l1 (beta 0.11); matcher fg_iou 0.35 / bg_iou 0.25")
+    assert "(the paper: alpha 0.25, gamma 2, matcher 0.5 / 0.4, i.e. loss=focal)" in demo
+    paper = describe_loss(compose_train(["loss=focal"]).loss)
+    assert paper == "sigmoid focal alpha 0.25, gamma 2.0; box smooth_l1 (beta 0.11); matcher fg_iou 0.5 / bg_iou 0.4"
+    assert "label smoothing 0.1" in describe_loss(compose_train(["loss=focal", "loss.label_smoothing=0.1"]).loss)
+    assert "; box l1;" in describe_loss(compose_train(["loss=torchvision_v1"]).loss)
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
     ("optim.lr=-1", "optim.lr=-1 must be > 0"),

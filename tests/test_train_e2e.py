@@ -2,6 +2,7 @@
 and the run dir holds checkpoints, TensorBoard events, metrics and the resolved config."""
 
 import json
+import logging
 
 import torch
 
@@ -10,9 +11,11 @@ from retinanet.checkpoint import load_checkpoint
 from retinanet.trainer import run
 
 
-def test_training_reduces_loss_and_writes_outputs(tiny_shapes, tmp_path):
+def test_training_reduces_loss_and_writes_outputs(tiny_shapes, tmp_path, caplog):
     cfg = compose_train(tiny_train_overrides(tiny_shapes, out_epochs=4) + ["optim.lr=0.003"])
-    ap = run(cfg, tmp_path)
+    with caplog.at_level(logging.INFO, logger="retinanet.trainer"):
+        ap = run(cfg, tmp_path)
+    assert "loss: sigmoid focal alpha 0.5, gamma 0.5; box smooth_l1" in caplog.text  # the preset's loss, named
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     losses = [e["train"]["loss"] for e in metrics["history"]]
     assert len(losses) == 4

@@ -325,7 +325,8 @@ def describe_loss(loss_cfg: DictConfig) -> str:
             + (f", label smoothing {loss_cfg.label_smoothing}" if loss_cfg.get("label_smoothing") else "")
             + f"; box {box}; matcher fg_iou {values['fg_iou']} / bg_iou {values['bg_iou']}")
     if values != PAPER_LOSS:
-        text += " (the paper: alpha 0.25, gamma 2, matcher 0.5 / 0.4, i.e. loss=focal)"
+        p = {k: f"{v:g}" for k, v in PAPER_LOSS.items()}
+        text += f" (the paper: alpha {p['alpha']}, gamma {p['gamma']}, matcher {p['fg_iou']} / {p['bg_iou']}, i.e. loss=focal)"
     return text
 
 

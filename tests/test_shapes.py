@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -191,7 +192,6 @@ def test_bad_parameters_are_named(tmp_path, kwargs, message):
 
 
 def _worker_handlers(_):
-    import signal
     return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 

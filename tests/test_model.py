@@ -85,3 +85,22 @@ def test_gn_heads_handle_a_single_image_with_1x1_p7():
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     assert out.feature_shapes[-1] == (1, 1) and torch.isfinite(out.cls_logits).all()
+
+
+def test_fpn_extra_levels_give_finite_gradients_under_cpu_bf16_on_one_pixel_maps():
+    """torch's CPU bf16 stride-2 conv writes NaNs into the weight gradient of a 1-pixel-wide input
+    (retinanet.model.fpn.strided_conv); P6 of a 32 px image is such a case, and must train."""
+    from retinanet.model.fpn import strided_conv
+
+    for trial in range(20):  # the upstream bug struck about half of the trials where the CPU has bf16
+        torch.manual_seed(trial)
+        conv = torch.nn.Conv2d(64, 16, 3, stride=2, padding=1)
+        junk = torch.full((1 << 20,), float("nan"))  # stale NaNs in freed memory, which the bug would read
+        del junk
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = strided_conv(conv, torch.randn(4, 64, 1, 3))
+        out.float().sum().backward()
+        assert torch.isfinite(conv.weight.grad).all() and torch.isfinite(conv.bias.grad).all(), trial
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # maps of 2 px and more stay in bf16
+        assert strided_conv(conv, torch.randn(1, 64, 2, 3)).dtype == torch.bfloat16
+        assert strided_conv(conv, torch.randn(1, 64, 1, 3)).dtype == torch.float32

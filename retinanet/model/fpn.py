@@ -49,6 +49,21 @@ class FPN(nn.Module):
         outs = [conv(m) for conv, m in zip(self.output, merged)]
         x = feats[-1] if self.p6_from == "c5" else outs[-1]
         for i, conv in enumerate(self.extra):
-            x = conv(F.relu(x) if i > 0 else x)
+            x = strided_conv(conv, F.relu(x) if i > 0 else x)
             outs.append(x)
         return outs
+
+
+def strided_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, but in fp32 when bf16 autocast on the CPU meets a map with a side of 1 pixel.
+
+    torch 2.14's CPU bf16 convolution returns a weight gradient with NaNs (memory it never wrote) for a
+    stride-2 3x3 conv whose input has a side of 1 (measured on AVX512-BF16: about half of 30 trials,
+    NCHW and NHWC alike; sides of 2 or more, and stride 1, are fine). P6 of an image padded to 32 px
+    and P7 of one padded to 64 px are such maps. They are tiny, so fp32 costs nothing measurable.
+    """
+    if x.device.type == "cpu" and min(x.shape[-2:]) == 1 and torch.is_autocast_enabled("cpu") \
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return conv(x.float())
+    return conv(x)

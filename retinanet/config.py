@@ -12,7 +12,7 @@ from retinanet.model.backbone import NORMS, RESNETS
 from retinanet.model.head import HEAD_NORMS
 from retinanet.optim import OPTIMIZERS, SCHEDULES
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed", "auto")
 
 
 def _number(cfg: DictConfig, key: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
@@ -89,6 +89,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     except InterpolationResolutionError as err:
         raise ConfigError(f"cannot resolve {err.full_key}: {err.msg}") from None
     _number(cfg, "trainer.epochs", 1, integer=True)
+    _number(cfg, "trainer.time_limit", 0, allow_none=True, lo_open=True)
     _number(cfg, "trainer.batch_size", 1, integer=True)
     _number(cfg, "trainer.eval_batch_size", 1, integer=True)
     _number(cfg, "trainer.num_workers", 0, integer=True)

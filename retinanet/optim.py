@@ -60,15 +60,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: st
                     warmup_steps: int = 500, warmup_factor: float = 0.001,
                     milestones: tuple[float, ...] = (0.667, 0.889), gamma: float = 0.1,
                     min_factor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration schedule. ``milestones`` are fractions of the total number of steps."""
+    """Per-iteration schedule. ``milestones`` are fractions of the total number of steps, which
+    ``set_total_steps`` may change later (a run shortened by ``trainer.time_limit``)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule.name={name!r} is not one of {SCHEDULES}")
     milestones = tuple(milestones)
     if any(not 0 < m < 1 for m in milestones):
         raise ValueError(f"schedule.milestones={list(milestones)} must be fractions of training in (0, 1)")
-    warmup_steps = min(warmup_steps, max(0, total_steps - 1))
+    # a plain function (not a callable object): LambdaLR then keeps the plan out of its state_dict,
+    # so a resumed run follows its own config, not the one saved in the checkpoint
+    plan = {"total_steps": int(total_steps)}
 
     def factor(step: int) -> float:
-        return lr_factor(step, total_steps, name, warmup_steps, warmup_factor, milestones, gamma, min_factor)
+        total = plan["total_steps"]
+        return lr_factor(step, total, name, min(warmup_steps, max(0, total - 1)), warmup_factor, milestones, gamma,
+                         min_factor)
 
+    factor.plan = plan
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Re-plan a ``build_scheduler`` schedule for ``total_steps``; the current learning rate follows at once."""
+    for fn in scheduler.lr_lambdas:
+        fn.plan["total_steps"] = int(total_steps)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

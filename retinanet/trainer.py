@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from retinanet import distributed
+from retinanet.budget import epochs_within, train_seconds
 from retinanet.checkpoint import atomic_write_json, keep_epoch_copy, remove_stale_temps, resume_path
 from retinanet.config import validate_train_config
 from retinanet.data import CocoDetection
@@ -31,6 +32,7 @@ from retinanet.ema import ModelEma
 from retinanet.engine import TERMS, EpochProgress, StepContext, predict, train_one_epoch
 from retinanet.errors import ConfigError
 from retinanet.evaluation import coco_evaluate, format_metrics, to_coco_results
+from retinanet.optim import set_total_steps
 from retinanet.tensorboard import log_eval_visuals, log_hparams
 from retinanet.resume import Checkpointer, StopSignal, TrainState
 from retinanet.model.init import init_from
@@ -56,8 +58,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does ``device`` compute bf16 in hardware (CPU: AVX512-BF16 or AMX; CUDA: Ampere or newer)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(check() for check in checks if check is not None)
+    return False
+
+
 def precision_setup(precision: str, device: torch.device):
     """Autocast dtype and GradScaler for ``trainer.precision``."""
+    if precision == "auto":
+        native = native_bf16(device)
+        log.info("trainer.precision=auto: %s", "bf16-mixed (this %s computes bf16 natively)" % device.type if native
+                 else "32 (no native bf16 on this %s: bf16 would be emulated, slower than fp32)" % device.type)
+        precision = "bf16-mixed" if native else "32"
     if precision == "32":
         return None, None
     if precision == "16-mixed":
@@ -199,6 +216,10 @@ def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
                      "train_images": len(train_set)})
     path = distributed.broadcast_object(resume_path(cfg.trainer.resume, out_dir) if is_main else None)
     state = checkpointer.load(path) if path is not None else TrainState()
+    set_total_steps(scheduler, planned_epochs(cfg, state) * steps_per_epoch)  # a resumed run's own plan
+    if cfg.trainer.time_limit:
+        log.info("trainer.time_limit=%gs: after each epoch the run checks that the epochs left fit in the time left, "
+                 "and trains fewer (the schedule re-planned to end with them) if not", cfg.trainer.time_limit)
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
@@ -234,7 +255,8 @@ def train_epochs(cfg: DictConfig, state: TrainState, train_model, train_loader, 
                  ctx: StepContext, checkpointer: Checkpointer, stop: StopSignal, evaluation: tuple) -> None:
     """The epoch loop from ``state`` on: train, evaluate, checkpoint; exits (checkpoint saved) on a signal."""
     model, ema, val_loader, postprocess, val_set = evaluation
-    for epoch in range(state.epoch, cfg.trainer.epochs + 1):
+    epoch = state.epoch
+    while epoch <= planned_epochs(cfg, state):
         state.epoch = epoch
         train_loader.batch_sampler.set_epoch(epoch, skip=state.progress.batches)
         stats = train_one_epoch(train_model, train_loader, optimizer, scheduler, ctx, epoch, state.step, state.progress)
@@ -245,10 +267,12 @@ def train_epochs(cfg: DictConfig, state: TrainState, train_model, train_loader, 
                         "trainer.resume=auto (same run dir) or trainer.resume=%s", state.step, epoch,
                         state.progress.batches, len(train_loader), checkpointer.last, checkpointer.last)
             raise SystemExit(stop.exit_code())
-        log.info("epoch %d/%d: loss %.4f (cls %.4f, box %.4f), %.1f images/s", epoch, cfg.trainer.epochs,
+        apply_time_limit(cfg, state, stats["seconds"], scheduler, len(train_loader) // ctx.accumulate)
+        last_epoch = planned_epochs(cfg, state)
+        log.info("epoch %d/%d: loss %.4f (cls %.4f, box %.4f), %.1f images/s", epoch, last_epoch,
                  stats["loss"], stats["loss_cls"], stats["loss_box"], stats["images_per_s"])
         entry = {"epoch": epoch, "step": state.step, "train": stats, "bad_steps": state.bad_steps}
-        if epoch == cfg.trainer.epochs or (cfg.trainer.eval_every and epoch % cfg.trainer.eval_every == 0):
+        if epoch == last_epoch or (cfg.trainer.eval_every and epoch % cfg.trainer.eval_every == 0):
             evaluate_epoch(entry, model, ema, val_loader, postprocess, ctx, val_set, ctx.writer)
         state.history.append(entry)
         ap = final_ap(entry)
@@ -265,6 +289,34 @@ def train_epochs(cfg: DictConfig, state: TrainState, train_model, train_loader, 
         if distributed.any_rank(stop.requested()):
             log.warning("stopped by a signal after epoch %d: saved %s", epoch, checkpointer.last)
             raise SystemExit(stop.exit_code())
+        epoch += 1
+
+
+def planned_epochs(cfg: DictConfig, state: TrainState) -> int:
+    """The epochs this run trains: ``trainer.epochs``, or fewer once ``trainer.time_limit`` has cut the run."""
+    if state.epochs_cut is not None and cfg.trainer.time_limit:
+        return min(cfg.trainer.epochs, state.epochs_cut)
+    return cfg.trainer.epochs
+
+
+def apply_time_limit(cfg: DictConfig, state: TrainState, epoch_seconds: float, scheduler, steps_per_epoch: int) -> None:
+    """After training epoch ``state.epoch``: cut the run to the epochs that fit in ``trainer.time_limit``
+    (the same decision on every rank) and re-plan the learning-rate schedule to end with them."""
+    if not cfg.trainer.time_limit:
+        return
+    planned = planned_epochs(cfg, state)
+    spent = train_seconds(state.history) + epoch_seconds
+    fit = distributed.broadcast_object(epochs_within(cfg.trainer.time_limit, planned, state.epoch, spent,
+                                                     epoch_seconds))
+    if fit >= planned:
+        return
+    log.warning("trainer.time_limit=%gs: %.0f s trained in %d epoch(s), %.0f s for the last one; %d more would end at "
+                "about %.0f s, so the run stops after epoch %d of %d (the schedule now ends there; "
+                "trainer.time_limit=null trains them all)", cfg.trainer.time_limit, spent, state.epoch,
+                epoch_seconds, planned - state.epoch, spent + (planned - state.epoch) * epoch_seconds, fit,
+                cfg.trainer.epochs)
+    state.epochs_cut = fit
+    set_total_steps(scheduler, fit * steps_per_epoch)
 
 
 def final_ap(entry: dict) -> float | None:
@@ -301,13 +353,17 @@ def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set: CocoDetec
     if dist_info.is_main:
         summary = {"history": state.history, "final": last["val"], "final_ema": last.get("val_ema"),
                    "train_images_per_s": throughput, "world_size": dist_info.world_size,
-                   "bad_steps": state.bad_steps, "resumed_from": state.resumed_from}
+                   "bad_steps": state.bad_steps, "resumed_from": state.resumed_from,
+                   "epochs_planned": cfg.trainer.epochs, "epochs_trained": len(state.history)}
         atomic_write_json(summary, out_dir / "metrics.json")
         names = dict(zip(val_set.label_to_cat_id, val_set.class_names))
         which = " (EMA weights)" if "val_ema" in last else ""
         print(f"\nCOCO evaluation{which} on {cfg.data.name} val ({len(val_set)} images):\n"
               + format_metrics(metrics, names))
         print(f"\ntraining throughput: {throughput:.1f} images/s ({images:.0f} images in {seconds:.0f} s)")
+        if planned_epochs(cfg, state) < cfg.trainer.epochs:
+            print(f"trainer.time_limit={cfg.trainer.time_limit:g}s: trained {planned_epochs(cfg, state)} of the "
+                  f"{cfg.trainer.epochs} planned epochs (this machine is slower than the plan assumed)")
         print(f"outputs: {out_dir}")
     return float(metrics["stats"]["AP"])
 

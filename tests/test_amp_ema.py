@@ -107,6 +107,28 @@ def test_precision_settings(caplog):
         precision_setup("16-mixed", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(native, monkeypatch, caplog):
+    from retinanet import trainer
+
+    monkeypatch.setattr(trainer, "native_bf16", lambda device: native)
+    with caplog.at_level(logging.INFO):
+        got = precision_setup("auto", torch.device("cpu"))
+    assert got == ((torch.bfloat16, None) if native else (None, None))
+    assert ("bf16-mixed (this cpu computes bf16 natively)" if native else "32 (no native bf16 on this cpu") in caplog.text
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    from retinanet.trainer import native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native_bf16(torch.device("cpu"))
+    assert not native_bf16(torch.device("meta"))
+
+
 def test_ema_follows_the_formula():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))

@@ -44,6 +44,21 @@ def test_cpu_preset_brings_its_own_loss_and_every_other_model_keeps_the_papers()
     assert (tuned.gamma, tuned.alpha, tuned.matcher.fg_iou) == (3, 0.5, 0.45)
 
 
+def test_cpu_preset_brings_its_own_loop_and_every_other_model_keeps_the_default():
+    default = compose_train(["trainer=default"]).trainer
+    assert (default.epochs, default.time_limit, default.precision, default.channels_last) == (6, None, "32", True)
+
+    demo = compose_train().trainer  # model=retinanet_r18_cpu (the default) swaps in trainer=cpu
+    assert (demo.epochs, demo.time_limit, demo.precision, demo.channels_last) == (14, 600, "auto", False)
+    changed = {"epochs", "time_limit", "precision", "channels_last"}
+    assert {k: v for k, v in demo.items() if k not in changed} == {k: v for k, v in default.items() if k not in changed}
+
+    for preset in ("retinanet_r50", "retinanet_r101"):
+        assert compose_train([f"model={preset}"]).trainer == default
+    assert compose_train(["+sweep=demo"]).trainer.time_limit is None  # `make sweep-demo` keeps its measured loop
+    assert compose_train(["trainer.time_limit=null", "trainer.epochs=20"]).trainer.epochs == 20  # keys win
+
+
 def test_the_run_log_names_the_loss_values_and_says_when_they_are_not_the_papers():
     from retinanet.trainer import describe_loss
 
@@ -61,6 +76,7 @@ def test_the_run_log_names_the_loss_values_and_says_when_they_are_not_the_papers
     ("optim.lr=-1", "optim.lr=-1 must be > 0"),
     ("optim.lr=abc", "optim.lr='abc' must be a number"),
     ("trainer.precision=8", "trainer.precision"),
+    ("trainer.time_limit=-5", "trainer.time_limit=-5 must be > 0"),
     ("model.net.backbone=resnet19", "model.net.backbone='resnet19'"),
     ("loss.alpha=1.5", "loss.alpha=1.5"),
     ("loss.matcher.bg_iou=0.6", "loss.matcher.bg_iou=0.6 must be <="),

@@ -74,10 +74,3 @@ def test_no_time_limit_trains_every_epoch(tiny_shapes, tmp_path):
     assert metrics["epochs_trained"] == 2
     assert load_checkpoint(tmp_path / "last.pt")["epochs_cut"] is None
 
-
-def test_time_limit_must_be_positive():
-    from retinanet.config import validate_train_config
-    from retinanet.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=r"trainer.time_limit=0 must be > 0"):
-        validate_train_config(compose_train(["trainer.time_limit=0"]))

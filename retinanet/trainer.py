@@ -363,7 +363,7 @@ def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set: CocoDetec
         print(f"\ntraining throughput: {throughput:.1f} images/s ({images:.0f} images in {seconds:.0f} s)")
         if planned_epochs(cfg, state) < cfg.trainer.epochs:
             print(f"trainer.time_limit={cfg.trainer.time_limit:g}s: trained {planned_epochs(cfg, state)} of the "
-                  f"{cfg.trainer.epochs} planned epochs (this machine is slower than the plan assumed)")
+                  f"{cfg.trainer.epochs} planned epochs: the others would not have fitted")
         print(f"outputs: {out_dir}")
     return float(metrics["stats"]["AP"])
 

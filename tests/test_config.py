@@ -49,7 +49,7 @@ def test_cpu_preset_brings_its_own_loop_and_every_other_model_keeps_the_default(
     assert (default.epochs, default.time_limit, default.precision, default.channels_last) == (6, None, "32", True)
 
     demo = compose_train().trainer  # model=retinanet_r18_cpu (the default) swaps in trainer=cpu
-    assert (demo.epochs, demo.time_limit, demo.precision, demo.channels_last) == (14, 600, "auto", False)
+    assert (demo.epochs, demo.time_limit, demo.precision, demo.channels_last) == (14, 660, "auto", False)
     changed = {"epochs", "time_limit", "precision", "channels_last"}
     assert {k: v for k, v in demo.items() if k not in changed} == {k: v for k, v in default.items() if k not in changed}
 

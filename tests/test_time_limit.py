@@ -60,7 +60,7 @@ def test_a_run_over_its_time_limit_trains_fewer_epochs_and_a_resume_keeps_the_cu
     steps = ckpt["step"]
     assert steps == 6  # 48 images / batch 8
     assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
-    assert "trained 1 of the 3 planned epochs" in capsys.readouterr().out
+    assert "trained 1 of the 3 planned epochs: the others would not have fitted" in capsys.readouterr().out
 
     # the same command again, resumed: nothing more to train, the cut stands
     ap = run(compose_train(overrides + ["trainer.resume=auto"]), tmp_path)

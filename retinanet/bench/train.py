@@ -3,7 +3,7 @@
 Both models have the architecture of one of our presets and the same weights; both use the same
 torch optimizer (SGD with momentum for the paper preset, AdamW for the CPU preset, the presets'
 settings), so only the model, loss and data layout differ. Ours
-runs as ``engine.forward_loss`` does in training, ``channels_last`` as the trainer default, and
+runs as ``engine.forward_loss`` does in training, ``channels_last`` as in ``trainer=default``, and
 contiguous (NCHW) as a second contender to show what the layout is worth. torchvision gets the
 same images as floats in [0, 1] (its input), its ``model(images, targets)`` returns the losses.
 

@@ -58,7 +58,9 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(mic
     # agree as well, but AdamW turns float-order noise on near-zero gradients into weight differences up
     # to 1.7e-4 after 8 steps (measured), so the weight check would test Adam's sensitivity, not the DDP sums.
     # trainer=default: fp32 (the CPU preset's precision=auto is bf16 on CPUs that have it, far from these tolerances).
-    base = micro_overrides(micro) + ["loss=focal", "trainer=default", "model.net.norm=gn", "trainer.deterministic=true"]
+    # A time limit that never binds: every rank takes rank 0's decision after each epoch (a broadcast).
+    base = micro_overrides(micro) + ["loss=focal", "trainer=default", "model.net.norm=gn", "trainer.deterministic=true",
+                                     "trainer.time_limit=86400"]
     single = tmp_path / "single"
     run(compose_train(base + ["trainer.batch_size=4", "trainer.eval_batch_size=8"]), single)
 

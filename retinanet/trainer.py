@@ -348,7 +348,7 @@ def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set: CocoDetec
     last = evaluated[-1]
     metrics = last.get("val_ema") or last["val"]
     images = sum(e["train"]["images"] for e in state.history)
-    seconds = sum(e["train"]["seconds"] for e in state.history)
+    seconds = train_seconds(state.history)
     throughput = images / max(seconds, 1e-9)
     if dist_info.is_main:
         summary = {"history": state.history, "final": last["val"], "final_ema": last.get("val_ema"),
@@ -361,8 +361,9 @@ def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set: CocoDetec
         print(f"\nCOCO evaluation{which} on {cfg.data.name} val ({len(val_set)} images):\n"
               + format_metrics(metrics, names))
         print(f"\ntraining throughput: {throughput:.1f} images/s ({images:.0f} images in {seconds:.0f} s)")
-        if planned_epochs(cfg, state) < cfg.trainer.epochs:
-            print(f"trainer.time_limit={cfg.trainer.time_limit:g}s: trained {planned_epochs(cfg, state)} of the "
+        trained = planned_epochs(cfg, state)
+        if trained < cfg.trainer.epochs:
+            print(f"trainer.time_limit={cfg.trainer.time_limit:g}s: trained {trained} of the "
                   f"{cfg.trainer.epochs} planned epochs: the others would not have fitted")
         print(f"outputs: {out_dir}")
     return float(metrics["stats"]["AP"])

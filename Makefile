@@ -30,17 +30,17 @@ sweep-demo: $(STAMP)  ## 2x2 focal-loss sweep (gamma x alpha) on small embedded 
 test: $(STAMP)  ## run the whole test suite
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: $(STAMP)  ## run the tests not marked slow
+test-fast: $(STAMP)  ## run the tests not marked slow (the end-to-end training runs are)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 plots: $(STAMP)  ## plot the focal loss and its gradient (paper Figure 1) to outputs/plots/ (ARGS="--out x.png")
 	$(PY) scripts/plot_focal_loss.py $(ARGS)
 
 bench: $(STAMP)  ## ours vs torchvision side by side: prints the table, writes outputs/bench/bench.json (ARGS="--threads 1")
-	$(PY) scripts/bench.py $(ARGS)
+	$(PY) benchmarks/bench.py $(ARGS)
 
-lint: $(STAMP)  ## byte-compile everything (syntax check)
-	$(PY) -m compileall -q retinanet scripts tests
+lint: $(STAMP)  ## ruff (rules in pyproject.toml) over the package, scripts, benchmarks and tests
+	$(PY) -m ruff check retinanet scripts benchmarks tests
 
 clean:  ## remove caches (keeps .venv, data/ and outputs/)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -8,11 +8,23 @@ order, so its RetinaNet weights can be used directly.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+
+def feature_shapes(image_hw: Sequence[int], strides: Sequence[float] = (8, 16, 32, 64, 128)) -> list[tuple[int, int]]:
+    """(h, w) of the feature maps of a padded input ``image_hw`` at power-of-two ``strides`` (P3..P7).
+
+    Every stride-2 stage of the network (stem conv, max-pool, the ResNet stages, the P6 / P7 convs; kernel
+    3 or 7 with 'same' padding) maps ``n -> ceil(n / 2)``, and nested halvings round up together:
+    ``ceil(n / s)``. ``tests/test_anchors.py`` checks this against the model's own output shapes.
+    """
+    h, w = int(image_hw[0]), int(image_hw[1])
+    return [(math.ceil(h / s), math.ceil(w / s)) for s in strides]
 
 
 class AnchorGenerator:
@@ -48,15 +60,15 @@ class AnchorGenerator:
             levels = tuple(tuple(float(v) for v in level) for level in sizes_per_level)
             if (not levels or len({len(level) for level in levels}) != 1 or not levels[0]
                     or any(v <= 0 for level in levels for v in level)):
-                raise ValueError(f"anchors: sizes_per_level={[list(level) for level in levels]} must hold one "
+                raise ValueError(f"sizes_per_level={[list(level) for level in levels]} must hold one "
                                  "non-empty list of positive sizes per level, all of the same length")
             sizes, scales = [level[0] for level in levels], [v / levels[0][0] for v in levels[0]]  # nominal only
         if len(sizes) != len(strides):
-            raise ValueError(f"anchors: sizes {list(sizes)} and strides {list(strides)} need one value per level")
+            raise ValueError(f"sizes {list(sizes)} and strides {list(strides)} need one value per level")
         for name, values in (("sizes", sizes), ("strides", strides), ("scales", scales),
                              ("aspect_ratios", aspect_ratios)):
             if len(values) == 0 or any(float(v) <= 0 for v in values):
-                raise ValueError(f"anchors: {name} must be a non-empty list of positive numbers, got {list(values)}")
+                raise ValueError(f"{name} must be a non-empty list of positive numbers, got {list(values)}")
         self.sizes = tuple(float(s) for s in sizes)
         self.strides = tuple(float(s) for s in strides)
         self.scales = tuple(float(s) for s in scales)
@@ -82,6 +94,10 @@ class AnchorGenerator:
     def num_anchors_per_level(self, feature_shapes: Sequence[Sequence[int]]) -> list[int]:
         """``[H_l * W_l * A for each level]``: how to split ``[B, A_total, ...]`` per level."""
         return [int(h) * int(w) * self.num_anchors_per_location for h, w in feature_shapes]
+
+    def for_image(self, image_hw: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+        """Anchors ``[A_total, 4]`` of a padded input of size ``image_hw``, before any forward pass."""
+        return self(feature_shapes(image_hw, self.strides), image_hw, device)
 
     def __call__(
         self,

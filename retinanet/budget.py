@@ -1,25 +1,66 @@
-"""``trainer.time_limit``: a run that must end within a wall-clock budget shortens itself.
+"""``trainer.time_limit``: a run that must end within a budget of training seconds plans its length per step.
 
-After every epoch the trainer asks ``epochs_within`` how many epochs fit: the training seconds
-spent so far (this process and any run it resumed) plus the remaining epochs at the pace of the
-latest one must stay within the limit. Only ever fewer epochs than planned, never more, and never
-fewer than those already trained; the learning-rate schedule is then re-planned to end with the
-new last epoch (``retinanet.optim.set_total_steps``), so a short run still anneals to its end.
-Evaluation time is not counted: the limit is on training.
+The rule: with ``trainer.epochs`` set, the limit is a cap (the run trains the epochs asked for, or fewer
+steps if they would not fit); with ``trainer.epochs=null`` the run fills the budget (it plans as many
+steps as fit). Either way the plan is made from the measured pace after every step, the learning-rate
+schedule is re-planned to end with the last step (``retinanet.optim.set_total_steps``), and the run
+never starts a step that would end past the limit. Evaluation and epoch-end checkpoints are not counted.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 
-def epochs_within(limit_s: float, planned: int, done: int, spent_s: float, last_epoch_s: float) -> int:
-    """Total epochs of a run with ``done`` epochs trained in ``spent_s`` seconds (the latest in
-    ``last_epoch_s``) that fit in ``limit_s`` seconds: between ``done`` and ``planned``."""
-    if last_epoch_s <= 0:
-        return planned
-    more = math.floor(max(0.0, limit_s - spent_s) / last_epoch_s + 1e-9)
-    return max(done, min(planned, done + more))
+class TimeBudget:
+    """Plans the total number of optimiser steps of a run from its pace.
+
+    ``limit_s``: seconds of training; ``planned_steps``: the steps asked for (None: fill the budget);
+    ``window``: the pace is the mean duration of this many recent steps; ``margin``: the share of the
+    budget held back for the pace's noise (the run still ends within a few percent of the limit).
+    """
+
+    def __init__(self, limit_s: float, planned_steps: int | None, window: int = 20, margin: float = 0.01):
+        if not limit_s > 0:
+            raise ValueError(f"time limit {limit_s!r} must be > 0 seconds")
+        self.limit_s, self.planned_steps = float(limit_s), planned_steps
+        self.margin = float(margin)
+        self.recent: deque[float] = deque(maxlen=window)
+        self.last_spent: float | None = None
+
+    @property
+    def fills(self) -> bool:
+        return self.planned_steps is None
+
+    def pace(self) -> float | None:
+        """Seconds per step (mean of the recent steps), None before any step was timed."""
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
+    def record(self, spent_s: float) -> None:
+        """Training seconds spent so far, after a step (the first call only sets the origin)."""
+        if self.last_spent is not None and spent_s > self.last_spent:
+            self.recent.append(spent_s - self.last_spent)
+        self.last_spent = spent_s
+
+    def reset_clock(self, spent_s: float) -> None:
+        """A pause that is not training (evaluation, a resume): the next step is timed from ``spent_s``."""
+        self.last_spent = spent_s
+
+    def total_steps(self, steps_done: int, spent_s: float, current_total: int) -> int:
+        """The run's total steps now: the steps that fit in what is left of the budget at the current pace
+        (never fewer than those done; with ``planned_steps``, never more than those)."""
+        pace = self.pace()
+        if pace is None or pace <= 0:
+            return current_total
+        left = self.limit_s * (1.0 - self.margin) - spent_s
+        fit = steps_done + max(0, math.floor(left / pace))
+        return max(steps_done, fit if self.fills else min(self.planned_steps, fit))
+
+    def exhausted(self, spent_s: float) -> bool:
+        """Would one more step at the current pace end past the limit?"""
+        pace = self.pace() or 0.0
+        return spent_s + pace >= self.limit_s
 
 
 def train_seconds(history: list[dict]) -> float:

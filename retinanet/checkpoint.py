@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,14 @@ from retinanet.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Test hook: "<file name>:<n>" pauses the n-th write of that file (in this process) once part of the
-# data is on disk, creating "<file name>.paused" next to it and waiting while that file exists: lets a
-# test kill the process in the middle of a checkpoint write.
-PAUSE_ENV = "RETINANET_TEST_PAUSE_WRITE"
-_writes: dict[str, int] = {}
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or not a checkpoint of this project; the message names the file."""
+
+
+def _open_temp(fd: int, path: Path):
+    """The file object a write of ``path`` goes through (a seam for tests that kill a run mid-write)."""
+    return os.fdopen(fd, "wb")
 
 
 def _atomic_write(path: str | os.PathLike, write) -> None:
@@ -39,8 +42,8 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(_maybe_pausing(f, path))
+        with _open_temp(fd, path) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,41 +61,6 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
         os.close(dir_fd)
 
 
-def _maybe_pausing(f, path: Path):
-    hook = os.environ.get(PAUSE_ENV)
-    if not hook:
-        return f
-    name, _, nth = hook.rpartition(":")
-    if name != path.name:
-        return f
-    _writes[name] = _writes.get(name, 0) + 1
-    return _PausingFile(f, path.with_name(path.name + ".paused")) if _writes[name] == int(nth) else f
-
-
-class _PausingFile:
-    """File wrapper for the ``PAUSE_ENV`` test hook: pauses after its first write reached the disk."""
-
-    def __init__(self, f, marker: Path):
-        self.f, self.marker = f, marker
-
-    def write(self, data) -> int:
-        n = self.f.write(data)
-        if self.marker is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.marker.touch()
-            while self.marker.exists():
-                time.sleep(0.05)
-            self.marker = None
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def fileno(self) -> int:
-        return self.f.fileno()
-
-
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` of plain containers, atomically."""
     _atomic_write(path, lambda f: torch.save(obj, f))
@@ -106,16 +74,31 @@ def atomic_write_json(obj, path: str | os.PathLike, indent: int | None = 2) -> N
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint written by this project (plain containers only)."""
+    """Load a checkpoint written by this project (plain containers only: ``weights_only=True``).
+
+    Raises ``CheckpointError`` (a ``UserError``: one clear line, exit code 2 at the entry points) for a
+    missing, truncated, foreign or unsafe file. Files holding Python objects other than tensors and plain
+    containers are refused, never unpickled: loading them could run arbitrary code.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist (give the best.pt or last.pt of a "
+                              "training run, e.g. outputs/shapes/<date>/best.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - report which file is broken, keep the cause
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err})") from err
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # a pickled class or function: the blocked part of weights_only
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: it holds Python objects other than "
+                                  "tensors and plain containers, which are refused because loading them could "
+                                  "run code (this project writes plain checkpoints only)") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: not a PyTorch checkpoint, or a "
+                              "truncated one") from None
+    except Exception as err:  # noqa: BLE001 - any other decoding failure: name the file, not torch's advice
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: not a PyTorch checkpoint, or a truncated "
+                              f"one ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"checkpoint {str(path)!r} is not a RetinaNet checkpoint (no 'model' entry)")
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a RetinaNet checkpoint of this project (no "
+                              "'model' entry)")
     return ckpt
 
 

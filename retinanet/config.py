@@ -1,18 +1,50 @@
-"""Check a composed training config before any work starts: one clear message per mistake."""
+"""The composed training config: what no constructor owns is checked here, everything else by its constructor.
+
+- ``validate_train_config``: the keys the trainer itself reads (``trainer.*``, ``data.*``, ``device``,
+  ``seed``), unknown keys anywhere outside the instantiated groups (``+trainer.epoch=3`` is refused,
+  not ignored), and the data paths. One ``ConfigError`` naming the key and value, before any work.
+- ``build(node, **kwargs)``: ``hydra.utils.instantiate`` for the groups with a ``_target_`` (model,
+  loss, optim, schedule, postprocess, ...): each constructor checks its own arguments, and its
+  ``ValueError`` / unknown keyword comes back as a ``ConfigError`` naming the group and the key.
+"""
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from pathlib import Path
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from retinanet.errors import ConfigError
-from retinanet.model.backbone import NORMS, RESNETS
-from retinanet.model.head import HEAD_NORMS
-from retinanet.optim import OPTIMIZERS, SCHEDULES
+from retinanet.runtime import PRECISIONS
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed", "auto")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# top-level groups whose nodes are built by their _target_ (their constructors check their own keys)
+BUILT_GROUPS = ("loss", "optim", "schedule", "postprocess")
+
+
+def build(node, **kwargs):
+    """Instantiate a config node; a constructor's complaint becomes a ``ConfigError`` naming group and key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        found = re.search(r"full_key: (\S+)", str(err))
+        key = found.group(1) if found else (node._get_full_key(None) if isinstance(node, DictConfig) else "config")
+        cause = err.__cause__
+        target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if cause is not None else None
+        if unknown:
+            raise ConfigError(f"{key}.{unknown.group(1)} is not a setting of {key} ({target} does not take it): "
+                              "check the spelling or remove it") from None
+        if isinstance(cause, ImportError):
+            raise ConfigError(f"{key}._target_={target!r} cannot be imported: {cause}") from None
+        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+            raise ConfigError(f"{key}: {cause}") from None
+        raise
 
 
 def _number(cfg: DictConfig, key: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
@@ -36,15 +68,43 @@ def _choice(cfg: DictConfig, key: str, choices) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
 
 
-def _alpha(cfg: DictConfig) -> None:
-    alpha = cfg.loss.alpha
-    if alpha is None or alpha == "auto":
-        return
-    values = list(alpha) if OmegaConf.is_list(alpha) else [alpha]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            raise ConfigError(f"loss.alpha={OmegaConf.to_object(alpha) if OmegaConf.is_list(alpha) else alpha!r} "
-                              "must be null, 'auto', a number in [0, 1] or a per-class list of such numbers")
+def _keys(node, prefix: str = "") -> set[str]:
+    """Dotted keys of a plain config tree; a node with a ``_target_`` counts as one key (its constructor checks
+    the rest)."""
+    keys = set()
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        keys.add(key)
+        if isinstance(v, dict) and "_target_" not in v:
+            keys |= _keys(v, key + ".")
+    return keys
+
+
+@lru_cache(maxsize=None)
+def known_keys(group: str) -> frozenset[str]:
+    """Every key the presets of a config group (``configs/<group>/*.yaml``) define: the keys the code reads."""
+    keys: set[str] = set()
+    for path in sorted((CONFIGS / group).glob("*.yaml")):
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        data.pop("defaults", None)
+        keys |= _keys(data)
+    return frozenset(keys)
+
+
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """Refuse keys no component reads: e.g. ``+trainer.epoch=3`` (Hydra accepts a new key with ``+``)."""
+    for group in ("trainer", "data"):
+        present = _keys(OmegaConf.to_container(cfg[group], resolve=False))
+        unknown = sorted(present - known_keys(group))
+        if unknown:
+            raise ConfigError(f"{group}.{unknown[0]} is not a setting of {group} (nothing reads it): check the "
+                              f"spelling; `python scripts/train.py --cfg job` lists every key")
+    top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", *BUILT_GROUPS} - {"seed", "device"}
+    if top:
+        raise ConfigError(f"{sorted(top)[0]} is not a setting of the training config (nothing reads it)")
+    model_keys = set(cfg.model.keys()) - {"name", "init_from", "net", "anchors"}
+    if model_keys:
+        raise ConfigError(f"model.{sorted(model_keys)[0]} is not a setting of model (nothing reads it)")
 
 
 def _train_loop(cfg: DictConfig) -> None:
@@ -56,10 +116,9 @@ def _train_loop(cfg: DictConfig) -> None:
     _number(cfg, "trainer.ema.decay", 0, 1, allow_none=True, lo_open=True)
     if cfg.trainer.ema.decay is not None and cfg.trainer.ema.decay >= 1:
         raise ConfigError(f"trainer.ema.decay={cfg.trainer.ema.decay} must be < 1 (e.g. 0.9998), or null for no EMA")
-    for key in ("aspect_ratio_grouping", "sync_bn", "deterministic"):
+    for key in ("aspect_ratio_grouping", "sync_bn", "deterministic", "channels_last", "progress"):
         if not isinstance(cfg.trainer[key], bool):
             raise ConfigError(f"trainer.{key}={cfg.trainer[key]!r} must be true or false")
-    _number(cfg, "optim.reference_batch_size", 1, integer=True, allow_none=True)
     resume = cfg.trainer.resume
     if resume is not None and not isinstance(resume, str):
         raise ConfigError(f"trainer.resume={resume!r} must be null, auto or the path of a checkpoint")
@@ -80,7 +139,7 @@ def _min_size(cfg: DictConfig) -> None:
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` naming the key and value of the first problem found."""
+    """Raise ``ConfigError`` naming the key and value of the first problem found in what the trainer reads."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
@@ -88,8 +147,12 @@ def validate_train_config(cfg: DictConfig) -> None:
                           f"e.g. {err.full_key}=/path/to/...") from None
     except InterpolationResolutionError as err:
         raise ConfigError(f"cannot resolve {err.full_key}: {err.msg}") from None
-    _number(cfg, "trainer.epochs", 1, integer=True)
+    check_unknown_keys(cfg)
+    _number(cfg, "trainer.epochs", 1, integer=True, allow_none=True)
     _number(cfg, "trainer.time_limit", 0, allow_none=True, lo_open=True)
+    if cfg.trainer.epochs is None and cfg.trainer.time_limit is None:
+        raise ConfigError("trainer.epochs=null needs trainer.time_limit (the run then plans its length from its "
+                          "pace to fill the time): set one of them")
     _number(cfg, "trainer.batch_size", 1, integer=True)
     _number(cfg, "trainer.eval_batch_size", 1, integer=True)
     _number(cfg, "trainer.num_workers", 0, integer=True)
@@ -99,27 +162,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     _number(cfg, "trainer.threads", 1, integer=True, allow_none=True)
     _choice(cfg, "trainer.precision", PRECISIONS)
     _train_loop(cfg)
-    _number(cfg, "optim.lr", 0, lo_open=True)
-    _number(cfg, "optim.weight_decay", 0)
-    _choice(cfg, "optim.name", OPTIMIZERS)
-    _choice(cfg, "schedule.name", SCHEDULES)
-    _number(cfg, "schedule.warmup_steps", 0, integer=True)
-    _number(cfg, "schedule.warmup_factor", 0, 1)
-    _number(cfg, "loss.gamma", 0)
-    _number(cfg, "loss.beta", 0)
-    _number(cfg, "loss.label_smoothing", 0, 1)
-    _alpha(cfg)
-    _number(cfg, "loss.matcher.fg_iou", 0, 1)
-    _number(cfg, "loss.matcher.bg_iou", 0, 1)
-    if cfg.loss.matcher.bg_iou > cfg.loss.matcher.fg_iou:
-        raise ConfigError(f"loss.matcher.bg_iou={cfg.loss.matcher.bg_iou} must be <= "
-                          f"loss.matcher.fg_iou={cfg.loss.matcher.fg_iou}")
-    _choice(cfg, "model.net.backbone", RESNETS)
-    _choice(cfg, "model.net.norm", NORMS)
-    _choice(cfg, "model.net.head_norm", HEAD_NORMS)
-    _choice(cfg, "model.net.p6_from", ("c5", "p5"))
-    _number(cfg, "model.net.frozen_stages", 0, 5, integer=True)
-    _number(cfg, "model.net.prior_prob", 0, 1, lo_open=True)
     _min_size(cfg)
     for key in ("data.eval_min_size", "data.eval_max_size"):  # absent (older configs) or null: the training resize
         _number(cfg, key, 1, integer=True, allow_none=True)

@@ -1,10 +1,13 @@
-"""One epoch of training and one pass of evaluation: plain functions, no hidden loop.
+"""Training steps and epochs: ``TrainStep`` takes one optimiser step, ``train_one_epoch`` loops over a loader.
 
-A training step: forward + loss (fp32, even under autocast) for each of ``ctx.accumulate``
-micro-batches, backward of ``loss * ctx.loss_scale / ctx.accumulate`` (under DDP the gradient
-all-reduce happens once, on the last micro-batch), then one optimiser step. The loss terms are
-summed over ranks every micro-batch (one small all-reduce) so that every rank takes the same
-decision on a non-finite loss or on a stop request (SIGTERM), and logs the global loss.
+A step: the micro-batches of one optimiser step (``trainer.accumulate_grad_batches`` of them) are
+matched to their anchors first, so that the loss can be divided by the positive anchors of the
+*whole* step (every micro-batch, every rank: one small all-reduce) when ``loss.normalization=batch``;
+then forward + loss (fp32, even under autocast) + backward for each micro-batch (under DDP the
+gradient all-reduce happens once, on the last one), clipping, the optimiser and scheduler step and
+the EMA update. The loss terms and the stop flag are summed over ranks once per step, so every rank
+takes the same decision on a non-finite loss or a stop request (SIGTERM) and logs the global loss.
+Each step returns a ``StepResult``; nothing is shared through a mutable context.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from retinanet import distributed
 from retinanet.checkpoint import atomic_save
 from retinanet.data.collate import Batch
-from retinanet.distributed import unwrap
 from retinanet.errors import UserError
+from retinanet.runtime import autocast
 
 log = logging.getLogger(__name__)
 TERMS = ("loss", "loss_cls", "loss_box")
@@ -35,30 +39,17 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 @dataclass
-class StepContext:
-    """What a training step needs besides the model: built once by the trainer."""
+class StepResult:
+    """What one optimiser step did (identical on every rank)."""
 
-    criterion: nn.Module
-    anchors: nn.Module | object
-    device: torch.device
-    channels_last: bool = False
-    autocast_dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler | None = None
-    grad_clip: float | None = None
-    log_every: int = 20
-    writer: object | None = None
-    progress: bool = True
-    accumulate: int = 1                 # micro-batches per optimiser step
-    loss_scale: float = 1.0             # backward of loss * loss_scale (world size for a batch-normalised loss)
-    world_size: int = 1
-    rank: int = 0
-    ema: object | None = None           # retinanet.ema.ModelEma, updated after every optimiser step
-    max_bad_steps: int = 0              # non-finite steps skipped before stopping
-    bad_steps: int = 0                  # non-finite steps skipped so far (the trainer checkpoints it)
-    bad_batch_dir: Path | None = None   # where the batch of a fatal non-finite step is saved
-    stop_requested: Callable[[], bool] | None = None          # e.g. SIGTERM seen: stop after this step
-    after_step: Callable[[int, "EpochProgress"], None] | None = None  # e.g. periodic checkpoints
-    extra: dict = field(default_factory=dict)
+    step: int                      # the global step count after this step
+    terms: dict[str, float]        # loss terms of the global batch (every micro-batch, every rank)
+    num_pos: float                 # positive anchors of the global batch
+    images: int                    # images of the global batch
+    grad_norm: float
+    lr: float                      # the learning rate this step used
+    skipped: bool = False          # non-finite: weights, optimiser and norm statistics left untouched
+    stop: bool = False             # some rank asked to stop after this step (a signal)
 
 
 @dataclass
@@ -68,47 +59,141 @@ class EpochProgress:
     batches: int = 0                    # micro-batches trained on in this epoch
     images: int = 0
     seconds: float = 0.0
-    sums: dict = field(default_factory=dict)  # loss term -> sum over finite micro-batches (global values)
-    counted: int = 0                    # finite micro-batches in ``sums``
-    interrupted: bool = False
+    sums: dict = field(default_factory=dict)  # loss term -> sum over the finite steps (global values)
+    counted: int = 0                    # finite steps in ``sums``
 
     def state_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "interrupted"}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_state(cls, state: dict | None) -> "EpochProgress":
-        return cls(**(state or {}))
+        state = {k: v for k, v in (state or {}).items() if k in {f.name for f in fields(cls)}}
+        return cls(**state)
 
 
-def autocast(ctx: StepContext):
-    if ctx.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
+class TrainStep:
+    """One optimiser step over a list of micro-batches (see the module docstring).
 
+    ``model`` may be wrapped in DDP; ``ema`` (``retinanet.ema.ModelEma``) is updated after every step;
+    ``max_bad_steps`` non-finite steps are skipped over the whole run before one stops it
+    (``NonFiniteLossError``, the batch saved under ``bad_batch_dir``).
+    """
 
-def forward_loss(model: nn.Module, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
-    """Model forward + anchors + loss for one batch already on the device."""
-    images = batch.images
-    if ctx.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(ctx):
-        out = model(images)
-    anchors = ctx.anchors(out.feature_shapes, tuple(images.shape[-2:]), ctx.device)
-    # the loss runs in fp32 even under autocast
-    return ctx.criterion(out.cls_logits.float(), out.box_deltas.float(), anchors,
-                         batch.gt_boxes, batch.gt_labels, batch.gt_crowd)
+    def __init__(self, model: nn.Module, criterion: nn.Module, anchors, optimizer: torch.optim.Optimizer,
+                 scheduler, device: torch.device, *, autocast_dtype: torch.dtype | None = None,
+                 scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None, ema=None,
+                 channels_last: bool = False, max_bad_steps: int = 0, bad_batch_dir: Path | None = None):
+        self.model, self.criterion, self.anchors = model, criterion, anchors
+        self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
+        self.autocast_dtype, self.scaler, self.grad_clip, self.ema = autocast_dtype, scaler, grad_clip, ema
+        self.channels_last, self.max_bad_steps, self.bad_batch_dir = channels_last, max_bad_steps, bad_batch_dir
+        dist = distributed.info()
+        self.world_size, self.rank = dist.world_size, dist.rank
+        self.batch_normalised = getattr(criterion, "normalization", "batch") == "batch"
 
+    def forward_loss(self, batch: Batch, targets=None, normalizer: torch.Tensor | None = None) -> dict:
+        """Model forward + loss for one micro-batch already on the device (the loss in fp32)."""
+        images = batch.images
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.autocast_dtype):
+            out = self.model(images)
+        anchors = self.anchors(out.feature_shapes, tuple(images.shape[-2:]), self.device)
+        extra = {} if targets is None else {"targets": targets, "normalizer": normalizer}
+        return self.criterion(out.cls_logits.float(), out.box_deltas.float(), anchors,
+                              batch.gt_boxes, batch.gt_labels, batch.gt_crowd, **extra)
 
-def _global_terms(losses: dict, ctx: StepContext, stop: bool) -> tuple[dict, bool]:
-    """Loss terms of the global batch and the stop flag, identical on every rank."""
-    local = torch.stack([losses[k].detach().float() * ctx.loss_scale for k in TERMS]
-                        + [losses["num_pos"].detach().float(), torch.tensor(float(stop), device=ctx.device)])
-    if ctx.world_size > 1:
-        local = local.clone()
-        torch.distributed.all_reduce(local)
-        local[:len(TERMS)] /= ctx.world_size
-    values = local.tolist()
-    return dict(zip(TERMS + ("num_pos",), values[:-1])), values[-1] > 0
+    def _normalizer(self, batches: list[Batch]) -> tuple[list, torch.Tensor | None]:
+        """Targets of every micro-batch and the positives of the global batch (``loss.normalization=batch``)."""
+        if not self.batch_normalised or not hasattr(self.criterion, "assign"):
+            return [None] * len(batches), None
+        targets = [self.criterion.assign(self.anchors.for_image(b.images.shape[-2:], self.device), b.gt_boxes,
+                                         b.gt_labels, b.gt_crowd) for b in batches]
+        local = torch.stack([t.num_pos.sum() for t in targets]).sum()
+        return targets, distributed.all_reduce_sum(local).clamp(min=1.0)
+
+    def __call__(self, batches: list[Batch], step: int, epoch: int, bad_steps: int = 0,
+                 stop: bool = False) -> StepResult:
+        """Train on ``batches`` (the micro-batches of step ``step + 1``); ``bad_steps``: non-finite steps the
+        run already skipped; ``stop``: this rank was asked to stop (the result says whether any rank was)."""
+        batches = [b.to(self.device, non_blocking=True) for b in batches]
+        targets, normalizer = self._normalizer(batches)
+        # normalised by the global positives, the micro-batch losses add up to the step's loss; DDP averages the
+        # gradients over ranks, hence x world size. Per-image normalisation averages the micro-batches instead.
+        scale = self.world_size if normalizer is not None else 1.0 / len(batches)
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()] if self.max_bad_steps else None
+        local = torch.zeros(len(TERMS) + 2, dtype=torch.float64, device=self.device)
+        window = []
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            no_sync = self.model.no_sync() if not last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+            with no_sync:
+                losses = self.forward_loss(batch, targets[i], normalizer)
+                loss = losses["loss"] * scale
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            local += torch.stack([losses[k].detach().double() for k in (*TERMS, "num_pos")]
+                                 + [torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)])
+            window.append((batch, {k: float(losses[k].detach()) for k in TERMS}))
+        local = torch.cat([local, torch.tensor([float(stop)], dtype=torch.float64, device=self.device)])
+        total = distributed.all_reduce_sum(local).tolist()
+        divide = 1.0 if normalizer is not None else self.world_size * len(batches)
+        terms = {k: total[j] / divide for j, k in enumerate(TERMS)}
+        lr = self.optimizer.param_groups[0]["lr"]
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = _grad_norm(self.model)
+        loss_ok = all(math.isfinite(v) for v in terms.values())
+        grads_ok = self.scaler is not None or bool(torch.isfinite(grad_norm))  # the scaler skips inf grads itself
+        skipped = not (loss_ok and grads_ok)
+        if not skipped:
+            if self.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(distributed.unwrap(self.model))
+        else:
+            self._bad_step("gradients" if loss_ok else "loss", window, float(grad_norm), step + 1, epoch, bad_steps)
+            if self.scaler is not None:
+                self.scaler.update()
+            for b, value in zip(self.model.buffers(), saved_buffers or []):
+                b.copy_(value)  # a skipped step keeps no batch-norm statistics either
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(step=step + 1, terms=terms, num_pos=total[len(TERMS)], images=int(total[len(TERMS) + 1]),
+                          grad_norm=float(grad_norm), lr=lr, skipped=skipped, stop=total[-1] > 0)
+
+    def _bad_step(self, what: str, window: list, grad_norm: float, step: int, epoch: int, bad_steps: int) -> None:
+        """A non-finite step: allowed (logged) while the run has skipped fewer than ``max_bad_steps``,
+        else ``NonFiniteLossError`` with the batch saved."""
+        terms = "; ".join(", ".join(f"{k}={v:.4g}" for k, v in t.items()) for _, t in window)
+        ids = [i for b, _ in window for i in b.image_ids.tolist()]
+        where = f" on rank {self.rank}" if self.world_size > 1 else ""
+        msg = f"non-finite {what} at step {step} (epoch {epoch}{where}): {terms}, grad_norm={grad_norm:.4g}; " \
+              f"image ids in the batch: {ids}"
+        if bad_steps + 1 <= self.max_bad_steps:
+            log.warning("%s. Skipped that step (%d of trainer.max_bad_steps=%d).", msg, bad_steps + 1,
+                        self.max_bad_steps)
+            return
+        path = self._save_bad_batches(window, step, epoch)
+        saved = f"; the batch is saved in {path}" if path else ""
+        raise NonFiniteLossError(
+            f"{msg}{saved}. Lower optim.lr, raise the schedule's warmup, set trainer.grad_clip, or set "
+            f"trainer.max_bad_steps=K to skip up to K such steps (now {self.max_bad_steps}).")
+
+    def _save_bad_batches(self, window: list, step: int, epoch: int) -> Path | None:
+        if self.bad_batch_dir is None:
+            return None
+        suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
+        path = Path(self.bad_batch_dir) / f"nonfinite_step{step:07d}{suffix}.pt"
+        atomic_save({"step": step, "epoch": epoch, "rank": self.rank,
+                     "batches": [{f.name: getattr(b, f.name).cpu() for f in fields(b)} for b, _ in window],
+                     "loss_terms": [dict(terms) for _, terms in window]}, path)
+        return path
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:
@@ -116,149 +201,48 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-def _save_bad_batches(window: list, ctx: StepContext, step: int, epoch: int) -> Path | None:
-    if ctx.bad_batch_dir is None:
-        return None
-    suffix = f"_rank{ctx.rank}" if ctx.world_size > 1 else ""
-    path = Path(ctx.bad_batch_dir) / f"nonfinite_step{step:07d}{suffix}.pt"
-    atomic_save({"step": step, "epoch": epoch, "rank": ctx.rank,
-                 "batches": [{f.name: getattr(b, f.name).cpu() for f in fields(b)} for b, _ in window],
-                 "loss_terms": [{k: float(v) for k, v in terms.items()} for _, terms in window]}, path)
-    return path
-
-
-def _bad_step(what: str, window: list, grad_norm: float, ctx: StepContext, step: int, epoch: int) -> None:
-    """Count a non-finite step; raise ``NonFiniteLossError`` (batch saved) once more than allowed."""
-    ctx.bad_steps += 1
-    terms = "; ".join(", ".join(f"{k}={float(v):.4g}" for k, v in t.items()) for _, t in window)
-    ids = [i for b, _ in window for i in b.image_ids.tolist()]
-    where = f" on rank {ctx.rank}" if ctx.world_size > 1 else ""
-    msg = f"non-finite {what} at step {step} (epoch {epoch}{where}): {terms}, grad_norm={grad_norm:.4g}; " \
-          f"image ids in the batch: {ids}"
-    if ctx.bad_steps <= ctx.max_bad_steps:
-        log.warning("%s. Skipped that step (%d of trainer.max_bad_steps=%d).", msg, ctx.bad_steps, ctx.max_bad_steps)
-        return
-    path = _save_bad_batches(window, ctx, step, epoch)
-    saved = f"; the batch is saved in {path}" if path else ""
-    raise NonFiniteLossError(
-        f"{msg}{saved}. Lower optim.lr, raise schedule.warmup_steps, set trainer.grad_clip, or set "
-        f"trainer.max_bad_steps=K to skip up to K such steps (now {ctx.max_bad_steps})."
-    )
-
-
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, ctx: StepContext,
-                    epoch: int, step: int, progress: EpochProgress | None = None) -> dict:
+def train_one_epoch(train_step: TrainStep, loader, *, epoch: int, step: int, accumulate: int = 1,
+                    progress: EpochProgress | None = None, bad_steps: int = 0,
+                    on_step: Callable[[StepResult, EpochProgress], bool] | None = None,
+                    stop_requested: Callable[[], bool] | None = None, show_progress: bool = True) -> dict:
     """Train for one pass over ``loader`` (or what is left of it: ``progress`` of a resumed epoch).
 
-    Returns mean loss terms, images/s, the new global step and ``interrupted`` (stopped early
-    because ``ctx.stop_requested()`` said so on some rank).
+    ``on_step(result, progress)`` runs after every step (logging, checkpoints, the time budget); returning
+    True ends the epoch there. Returns the epoch's mean loss terms, images, seconds, images/s, the new
+    global ``step``, the run's ``bad_steps``, ``interrupted`` (a rank was asked to stop by a signal) and
+    ``ended_early`` (``on_step`` ended it).
     """
     progress = progress if progress is not None else EpochProgress()
-    model.train()
+    train_step.model.train()
     t0, seconds0 = time.perf_counter(), progress.seconds
-    window: list[tuple[Batch, dict]] = []
-    window_finite = True  # the global loss of every micro-batch of the window (the same on every rank)
-    buffers = None
-    optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not ctx.progress, dynamic_ncols=True,
+    interrupted = ended_early = False
+    window: list[Batch] = []
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress, dynamic_ncols=True,
                initial=progress.batches, total=len(loader))
     for batch in bar:
-        batch = batch.to(ctx.device, non_blocking=True)
-        last_micro = (progress.batches + 1) % ctx.accumulate == 0
-        if ctx.max_bad_steps and not window:  # a skipped step must not keep its batch-norm statistics either
-            buffers = [b.detach().clone() for b in model.buffers()]
-        no_sync = model.no_sync() if not last_micro and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with no_sync:
-            losses = forward_loss(model, batch, ctx)
-            loss = losses["loss"] * (ctx.loss_scale / ctx.accumulate)
-            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
-        values, stop = _global_terms(losses, ctx, ctx.stop_requested() if ctx.stop_requested else False)
-        window.append((batch, {k: float(losses[k].detach()) for k in TERMS}))
+        window.append(batch)
         progress.batches += 1
-        progress.images += len(batch) * ctx.world_size
-        if all(math.isfinite(values[k]) for k in TERMS):
-            for k, v in values.items():
+        if progress.batches % accumulate:
+            continue
+        result = train_step(window, step, epoch, bad_steps, stop_requested() if stop_requested else False)
+        window, step = [], result.step
+        progress.images += result.images
+        progress.seconds = seconds0 + time.perf_counter() - t0
+        if result.skipped:
+            bad_steps += 1
+        else:
+            for k, v in result.terms.items():
                 progress.sums[k] = progress.sums.get(k, 0.0) + v
             progress.counted += 1
-        else:
-            window_finite = False
-        if not last_micro:
-            continue
-
-        if ctx.scaler is not None:
-            ctx.scaler.unscale_(optimizer)
-        grad_norm = _grad_norm(model)
-        loss_ok = window_finite
-        grads_ok = ctx.scaler is not None or bool(torch.isfinite(grad_norm))  # the scaler skips inf grads itself
-        if loss_ok and grads_ok:
-            if ctx.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), ctx.grad_clip, grad_norm)
-            if ctx.scaler is not None:
-                ctx.scaler.step(optimizer)
-                ctx.scaler.update()
-            else:
-                optimizer.step()
-            if ctx.ema is not None:
-                ctx.ema.update(unwrap(model))
-        else:
-            _bad_step("gradients" if loss_ok else "loss", window, float(grad_norm), ctx, step + 1, epoch)
-            if ctx.scaler is not None:
-                ctx.scaler.update()
-            if buffers is not None:
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        window, window_finite = [], True
-        progress.seconds = seconds0 + time.perf_counter() - t0
-        if ctx.writer is not None and step % ctx.log_every == 0:
-            for k in TERMS:
-                ctx.writer.add_scalar(f"train/{k}", values[k], step)
-            ctx.writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            ctx.writer.add_scalar("train/num_pos_per_image", values["num_pos"] / max(1, len(batch) * ctx.world_size),
-                                  step)
-            ctx.writer.add_scalar("train/grad_norm", float(grad_norm), step)
-        bar.set_postfix(loss=f"{values['loss']:.3f}", cls=f"{values['loss_cls']:.3f}",
-                        box=f"{values['loss_box']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if ctx.after_step is not None:
-            ctx.after_step(step, progress)
-        if stop:
-            progress.interrupted = True
+        bar.set_postfix(loss=f"{result.terms['loss']:.3f}", cls=f"{result.terms['loss_cls']:.3f}",
+                        box=f"{result.terms['loss_box']:.3f}", lr=f"{result.lr:.2e}")
+        ended_early = bool(on_step(result, progress)) if on_step is not None else False
+        if result.stop or ended_early:
+            interrupted = result.stop
             break
-    progress.seconds = seconds0 + time.perf_counter() - t0
+    else:  # the loader ran out: its end counts too (a break keeps the time of the last step)
+        progress.seconds = seconds0 + time.perf_counter() - t0
     means = {k: v / max(1, progress.counted) for k, v in progress.sums.items()}
-    return {**means, "images": progress.images, "seconds": progress.seconds, "step": step,
+    return {**means, "images": progress.images, "seconds": progress.seconds, "step": step, "bad_steps": bad_steps,
             "images_per_s": progress.images / progress.seconds if progress.seconds > 0 else math.nan,
-            "interrupted": progress.interrupted}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader, postprocess, ctx: StepContext, desc: str = "eval") -> tuple[list, list, dict]:
-    """Detections (original image coordinates) for every image of ``loader``.
-
-    Returns ``(detections, image_ids, mean validation losses)``; the losses are computed
-    from the same forward pass, so they cost almost nothing.
-    """
-    model.eval()
-    detections, image_ids = [], []
-    sums: dict[str, float] = {}
-    n = 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not ctx.progress, dynamic_ncols=True):
-        batch = batch.to(ctx.device, non_blocking=True)
-        images = batch.images
-        if ctx.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(ctx):
-            out = model(images)
-        cls_logits, box_deltas = out.cls_logits.float(), out.box_deltas.float()
-        anchors = ctx.anchors(out.feature_shapes, tuple(images.shape[-2:]), ctx.device)
-        losses = ctx.criterion(cls_logits, box_deltas, anchors, batch.gt_boxes, batch.gt_labels, batch.gt_crowd)
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-        per_level = ctx.anchors.num_anchors_per_level(out.feature_shapes)
-        dets = postprocess(cls_logits, box_deltas, anchors, per_level, batch.image_sizes, batch.scales)
-        detections.extend({k: v.cpu() for k, v in d.items()} for d in dets)
-        image_ids.extend(batch.image_ids.tolist())
-    return detections, image_ids, {k: v / max(1, n) for k, v in sums.items()}
+            "interrupted": interrupted, "ended_early": ended_early}

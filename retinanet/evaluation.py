@@ -1,15 +1,27 @@
-"""COCO mAP with pycocotools: detections -> COCO results -> the 12 standard numbers + per-class AP."""
+"""COCO mAP with pycocotools: the one evaluation of the project.
+
+``evaluate(detector, loader, dataset)`` is what the trainer's validation and ``scripts/evaluate.py``
+both call: detections from the ``Detector`` (sharded over ranks under DDP and gathered on rank 0),
+COCO results with the dataset's own category ids, COCOeval over every image of the dataset (an image
+that could not be read counts as one without detections: its objects are missed, not forgotten),
+the 12 standard numbers and the per-class AP. A number COCO cannot compute (-1: no ground truth in
+that area range or class) is ``None`` in the metrics and ``n/a`` when printed, never a fake 0.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
+import time
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from retinanet import distributed
 
 log = logging.getLogger(__name__)
 
@@ -49,46 +61,108 @@ def to_coco_results(detections: list[dict], image_ids, label_to_cat_id: list[int
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids=None, with_precision: bool = False) -> dict:
-    """Run COCOeval on ``results``. Returns ``{"stats": {name: value}, "per_class": {cat_id: AP}}``.
+def _results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """``results`` as a pycocotools result set (``loadRes`` cannot load an empty list: built directly then)."""
+    if results:
+        return coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys in place: give it copies
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                     "annotations": []}
+    empty.createIndex()
+    return empty
 
-    With no detections at all every number is 0 (pycocotools cannot load an empty result list).
-    ``with_precision`` adds ``"precision"``: COCOeval's array [IoU, recall, class (sorted ids), area,
-    max dets] (for PR curves; a numpy array, so pop it before writing the metrics as JSON).
+
+def coco_evaluate(coco_gt: COCO, results: list[dict], image_ids=None, with_precision: bool = False) -> dict:
+    """Run COCOeval on ``results`` over ``image_ids`` (default: every image of ``coco_gt``).
+
+    Returns ``{"stats": {name: value or None}, "per_class": {cat_id: AP or None}}``; None where COCO
+    has nothing to measure (no ground truth in that area range, or of that class). ``with_precision``
+    adds ``"precision"``: COCOeval's array [IoU, recall, class (sorted ids), area, max dets] (for PR
+    curves; a numpy array, so pop it before writing the metrics as JSON).
     """
-    cat_ids = sorted(coco_gt.getCatIds())
-    if not results:
-        return {"stats": {k: 0.0 for k in STAT_NAMES}, "per_class": {c: 0.0 for c in cat_ids}}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, _results(coco_gt, results), "bbox")
         if image_ids is not None:
             ev.params.imgIds = sorted(int(i) for i in image_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {k: max(float(v), 0.0) for k, v in zip(STAT_NAMES, ev.stats)}
+    stats = {k: (float(v) if v >= 0 else None) for k, v in zip(STAT_NAMES, ev.stats)}
     precision = ev.eval["precision"]  # [T iou, R recall, K class, A area, M maxdets]
     per_class = {}
     for k, cat in enumerate(ev.params.catIds):
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
-        per_class[int(cat)] = float(p.mean()) if p.size else float("nan")
+        per_class[int(cat)] = float(p.mean()) if p.size else None
     out = {"stats": stats, "per_class": per_class}
     if with_precision:
         out["precision"] = precision
     return out
 
 
+def _number(value) -> str:
+    return "  n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
 def format_metrics(metrics: dict, class_names: dict[int, str]) -> str:
-    """The 12 COCO numbers and a per-class AP table as text."""
-    lines = [f" {label} = {metrics['stats'][name]:.3f}   ({name})" for name, label in zip(STAT_NAMES, STAT_LABELS)]
+    """The 12 COCO numbers and a per-class AP table as text (``n/a`` where COCO has nothing to measure)."""
+    lines = [f" {label} = {_number(metrics['stats'][name])}   ({name})" for name, label in zip(STAT_NAMES, STAT_LABELS)]
     width = max([len(n) for n in class_names.values()] + [5])
     lines += ["", f" {'class':<{width}}  {'id':>4}  AP", f" {'-' * width}  {'-' * 4}  -----"]
     for cat, ap in metrics["per_class"].items():
-        ap_txt = "  n/a" if np.isnan(ap) else f"{ap:.3f}"
-        lines.append(f" {class_names.get(cat, str(cat)):<{width}}  {cat:>4}  {ap_txt}")
+        lines.append(f" {class_names.get(int(cat), str(cat)):<{width}}  {int(cat):>4}  {_number(ap)}")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One evaluation: ``metrics`` (JSON-ready: stats, per_class, loss, images, seconds) and, on rank 0,
+    what the pictures and TensorBoard views are drawn from."""
+
+    metrics: dict
+    detections: list = dataclasses.field(default_factory=list)   # per image, original pixels
+    image_ids: list = dataclasses.field(default_factory=list)
+    precision: np.ndarray | None = None                          # COCOeval.eval["precision"]
+
+
+def evaluate(detector, loader, dataset, criterion=None, progress: bool = True, desc: str = "eval",
+             category_ids: list[int] | None = None) -> Evaluation:
+    """COCO evaluation of ``detector`` on ``dataset`` (its ``loader``), identical on every rank.
+
+    ``criterion``: also the mean losses of the same forward passes (``metrics["loss"]``).
+    ``category_ids``: the dataset category id of each label (default: the dataset's own map).
+    Under DDP each rank detects its share; rank 0 gathers the detections, drops the repeats that pad
+    the shares, and runs COCOeval once; every rank gets the metrics.
+    """
+    t0 = time.perf_counter()
+    detections, image_ids, losses = detector.detect(loader, progress, desc, criterion)
+    if distributed.info().enabled:
+        shards = distributed.gather_to_main((detections, image_ids))
+        detections, image_ids = merge_shards(shards) if shards is not None else ([], [])
+        world = distributed.info().world_size
+        losses = {k: float(distributed.all_reduce_sum(torch.tensor(v))) / world for k, v in losses.items()}
+    result = Evaluation(metrics={})
+    if distributed.info().is_main:
+        results = to_coco_results(detections, image_ids, category_ids or dataset.label_to_cat_id)
+        metrics = coco_evaluate(dataset.coco, results, dataset.image_ids, with_precision=True)
+        precision = metrics.pop("precision")
+        metrics.update(loss=losses, images=len(dataset.image_ids), detected_images=len(image_ids),
+                       detections=len(results), seconds=time.perf_counter() - t0)
+        result = Evaluation(metrics, detections, image_ids, precision)
+    result.metrics = distributed.broadcast_object(result.metrics)
+    return result
+
+
+def merge_shards(shards: list[tuple[list, list]]) -> tuple[list, list]:
+    """Detections of every rank in one list, each image once (the sampler repeats some to even out shares)."""
+    detections, image_ids, seen = [], [], set()
+    for dets, ids in shards:
+        for d, i in zip(dets, ids):
+            if i not in seen:
+                seen.add(i)
+                detections.append(d)
+                image_ids.append(i)
+    return detections, image_ids
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +35,6 @@ SIZE_EDGES = (0, 16, 32, 64, 128, 256, 512, math.inf)  # buckets of sqrt(box are
 
 def bucket_names(edges=SIZE_EDGES) -> list[str]:
     return [f"{lo}-{hi}" if hi != math.inf else f">={lo}" for lo, hi in zip(edges[:-1], edges[1:])]
-
-
-def feature_shapes(image_hw: Sequence[int], num_levels: int = 5, first_level: int = 3) -> list[tuple[int, int]]:
-    """(h, w) of P3..P7 for a padded input: every stride-2 stage (stem conv, max-pool, the ResNet stages,
-    the P6/P7 convs; all kernel 3 or 7 with 'same' padding) maps n -> ceil(n / 2)."""
-    h, w = int(image_hw[0]), int(image_hw[1])
-    shapes = []
-    for level in range(1, first_level + num_levels):
-        h, w = -(-h // 2), -(-w // 2)
-        if level >= first_level:
-            shapes.append((h, w))
-    return shapes
 
 
 def dataset_statistics(dataset) -> dict:
@@ -91,7 +78,7 @@ def anchor_coverage(dataset, anchors, matcher: Matcher, min_size: int | None, ma
         keep = ~crowd
         if not keep.any():
             continue
-        grid = anchors(feature_shapes(pad, len(anchors.sizes)), pad)  # [A, 4]
+        grid = anchors.for_image(pad)  # [A, 4]
         gt = torch.from_numpy(boxes[alive])  # [M, 4], crowd included (they only make anchors ignored)
         is_crowd = torch.from_numpy(crowd[alive])
         assigned = matcher(grid, gt[None], torch.ones(1, len(gt), dtype=torch.bool), is_crowd[None])[0]  # [A]

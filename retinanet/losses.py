@@ -13,7 +13,9 @@ Label smoothing ``eps`` uses the binary form ``t' = t (1 - eps) + eps / 2``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,11 @@ from torchvision.ops import generalized_box_iou_loss
 from retinanet.boxes import BoxCoder
 from retinanet.matcher import BACKGROUND, Matcher
 
+log = logging.getLogger(__name__)
 Alpha = float | Tensor | None
+BOX_LOSSES = ("smooth_l1", "l1", "giou")
+NORMALIZATIONS = ("batch", "torchvision")
+PAPER_LOSS = {"alpha": 0.25, "gamma": 2.0, "fg_iou": 0.5, "bg_iou": 0.4}  # Lin et al. 2017
 
 
 def _alpha_t(alpha: Alpha, t: Tensor | float) -> Tensor | float:
@@ -160,6 +166,8 @@ class FocalLossFromLabels(torch.autograd.Function):
     def forward(ctx, logits: Tensor, labels: Tensor, alpha: Alpha = 0.25, gamma: float = 2.0,
                 label_smoothing: float = 0.0, row_weight: Tensor | None = None) -> Tensor:
         _check_alpha(alpha, logits.shape[-1])
+        if torch.is_tensor(alpha):  # a per-class alpha follows the logits (a CPU buffer must not meet CUDA logits)
+            alpha = alpha.to(device=logits.device, dtype=torch.float32)
         ctx.save_for_backward(logits, labels, row_weight, alpha if torch.is_tensor(alpha) else None)
         ctx.alpha, ctx.gamma, ctx.eps = (None if torch.is_tensor(alpha) else alpha), gamma, label_smoothing
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -200,71 +208,122 @@ def alpha_from_counts(counts: Sequence[float] | Tensor, base: float = 0.25, powe
     return (odds / (1 + odds)).float()
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
+class Targets(NamedTuple):
+    """What matching assigned to every anchor of a batch."""
+
+    matched: Tensor   # [B, A] index of the matched gt box, BACKGROUND (-1) or IGNORE (-2)
+    labels: Tensor    # [B, A] class of the matched box, or BACKGROUND / IGNORE
+    num_pos: Tensor   # [B] foreground anchors per image (float)
 
 
 class RetinaNetLoss(nn.Module):
     """Matching + focal loss over non-ignored anchors + box loss over foreground anchors.
 
     ``normalization="batch"``: both sums are divided by the number of foreground anchors of the
-    whole batch (passed through ``num_pos_reducer``, e.g. an all-reduce under DDP; clamped >= 1).
+    whole batch (clamped >= 1); the caller may pass that number for a larger batch than the one given
+    (``normalizer``: every micro-batch of an accumulated step, every rank under DDP).
     ``normalization="torchvision"``: each image's sums are divided by its own foreground count
     (clamped >= 1) and the images averaged, as ``torchvision`` RetinaNetHead.compute_loss does.
+
+    ``alpha``: a number, None (off), a list of one value per class, or ``"auto"``: per class from
+    ``class_counts`` (the training set's boxes per class, which the trainer passes; see ``alpha_from_counts``).
+    Every argument is checked here: a bad value raises ``ValueError`` naming the argument.
     """
 
-    def __init__(self, num_classes: int, alpha: Alpha | Sequence[float] = 0.25, gamma: float = 2.0,
+    def __init__(self, num_classes: int, alpha: Alpha | Sequence[float] | str = 0.25, gamma: float = 2.0,
                  box_loss: str = "smooth_l1", beta: float = 0.1, cls_weight: float = 1.0, box_weight: float = 1.0,
                  label_smoothing: float = 0.0, matcher: Matcher | None = None, coder: BoxCoder | None = None,
-                 normalization: str = "batch"):
+                 normalization: str = "batch", class_counts: Sequence[float] | None = None):
         super().__init__()
-        if box_loss not in ("smooth_l1", "l1", "giou"):
-            raise ValueError(f"loss.box_loss={box_loss!r}: expected 'smooth_l1', 'l1' or 'giou'")
-        if normalization not in ("batch", "torchvision"):
-            raise ValueError(f"loss.normalization={normalization!r}: expected 'batch' or 'torchvision'")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing={label_smoothing} must be in [0, 1)")
-        if isinstance(alpha, str):
-            raise ValueError(f"loss.alpha={alpha!r}: expected a number, null or a list of {num_classes} numbers")
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss={box_loss!r} must be one of {list(BOX_LOSSES)}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={normalization!r} must be one of {list(NORMALIZATIONS)}")
+        for name, value in (("gamma", gamma), ("beta", beta), ("cls_weight", cls_weight), ("box_weight", box_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}={value!r} must be a number >= 0")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r} must be a number in [0, 1)")
         class_alpha = None
-        if alpha is not None and not isinstance(alpha, (int, float)):
-            class_alpha = torch.as_tensor(list(alpha) if not torch.is_tensor(alpha) else alpha, dtype=torch.float32)
+        if isinstance(alpha, str):
+            if alpha != "auto":
+                raise ValueError(f"alpha={alpha!r} must be a number in [0, 1], null, auto or a list of "
+                                 f"{num_classes} numbers")
+            if class_counts is None:
+                raise ValueError("alpha=auto needs the training set's class counts (the trainer passes them)")
+            class_alpha = alpha_from_counts(class_counts)
+            log.info("loss.alpha=auto -> %s", [round(float(a), 3) for a in class_alpha])
+            alpha = None
+        elif alpha is not None and not isinstance(alpha, (int, float)):
+            values = list(alpha) if not torch.is_tensor(alpha) else alpha.tolist()
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
+                raise ValueError(f"alpha={values} must hold numbers in [0, 1], one per class")
+            class_alpha = torch.as_tensor(values, dtype=torch.float32)
             _check_alpha(class_alpha, num_classes)
             alpha = None
         elif alpha is not None:
+            if isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"alpha={alpha!r} must be a number in [0, 1], null, auto or a list of "
+                                 f"{num_classes} numbers")
             alpha = float(alpha)
-            _check_alpha(alpha, num_classes)
         self.register_buffer("class_alpha", class_alpha, persistent=False)
+        self._class_alpha_values = None if class_alpha is None else [round(float(a), 3) for a in class_alpha]
         self.num_classes, self.alpha, self.gamma = int(num_classes), alpha, float(gamma)
         self.box_loss, self.beta, self.label_smoothing = box_loss, float(beta), float(label_smoothing)
         self.cls_weight, self.box_weight, self.normalization = float(cls_weight), float(box_weight), normalization
         self.matcher = matcher if matcher is not None else Matcher()
         self.coder = coder if coder is not None else BoxCoder()
-        self.num_pos_reducer = _identity
 
-    def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor,
-                gt_labels: Tensor, gt_crowd: Tensor | None = None) -> dict[str, Tensor]:
-        """``cls_logits [B, A, K]``, ``box_deltas [B, A, 4]``, ``anchors [A, 4]``, ``gt_boxes [B, M, 4]``,
-        ``gt_labels [B, M]`` (-1 = padding), ``gt_crowd [B, M] | None`` -> ``dict(loss, loss_cls, loss_box,
-        num_pos)``; ``num_pos`` is this batch's foreground anchor count (before ``num_pos_reducer``)."""
-        batch, num_anchors, num_classes = cls_logits.shape
-        if num_classes != self.num_classes:
-            raise ValueError(f"loss: cls_logits have {num_classes} classes, the loss was built for {self.num_classes}")
-        if gt_labels.numel() and int(gt_labels.max()) >= num_classes:
-            raise ValueError(f"loss: gt label {int(gt_labels.max())} out of range for {num_classes} classes")
+    def describe(self) -> str:
+        """One line for the run log: the values in use, with the paper's where they differ."""
+        alpha = self.alpha if self._class_alpha_values is None else f"per class {self._class_alpha_values}"
+        m = self.matcher
+        box = self.box_loss + (f" (beta {self.beta:g})" if self.box_loss == "smooth_l1" else "")
+        text = (f"sigmoid focal alpha {alpha}, gamma {self.gamma:g}"
+                + (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "")
+                + f"; box {box}; matcher fg_iou {m.fg_iou:g} / bg_iou {m.bg_iou:g}")
+        ours = {"alpha": self.alpha, "gamma": self.gamma, "fg_iou": m.fg_iou, "bg_iou": m.bg_iou}
+        if ours != PAPER_LOSS:
+            p = {k: f"{v:g}" for k, v in PAPER_LOSS.items()}
+            text += (f" (the paper: alpha {p['alpha']}, gamma {p['gamma']}, matcher {p['fg_iou']} / {p['bg_iou']}, "
+                     "i.e. loss=focal)")
+        return text
+
+    def assign(self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_crowd: Tensor | None = None) -> Targets:
+        """Match ``anchors [A, 4]`` to ``gt_boxes [B, M, 4]`` / ``gt_labels [B, M]`` (-1 = padding)."""
         matched = self.matcher(anchors, gt_boxes, gt_labels >= 0, gt_crowd)  # [B, A]
         fg = matched >= 0
         labels = matched
         if gt_labels.shape[1] > 0:
             labels = torch.where(fg, gt_labels.gather(1, matched.clamp(min=0)), matched)  # [B, A] class / -1 / -2
-        num_fg = fg.sum(dim=1).float()  # [B]
+        return Targets(matched, labels, fg.sum(dim=1).float())
+
+    def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, gt_boxes: Tensor,
+                gt_labels: Tensor, gt_crowd: Tensor | None = None, targets: Targets | None = None,
+                normalizer: Tensor | float | None = None) -> dict[str, Tensor]:
+        """``cls_logits [B, A, K]``, ``box_deltas [B, A, 4]``, ``anchors [A, 4]``, ``gt_boxes [B, M, 4]``,
+        ``gt_labels [B, M]`` (-1 = padding), ``gt_crowd [B, M] | None`` -> ``dict(loss, loss_cls, loss_box,
+        num_pos)``; ``num_pos`` is this batch's foreground anchor count. ``targets``: matching done already
+        (``assign``); ``normalizer``: the positives to divide by under ``normalization="batch"`` (default:
+        this batch's, clamped >= 1)."""
+        batch, num_anchors, num_classes = cls_logits.shape
+        if num_classes != self.num_classes:
+            raise ValueError(f"loss: cls_logits have {num_classes} classes, the loss was built for {self.num_classes}")
+        if anchors.shape[0] != num_anchors:
+            raise ValueError(f"loss: {anchors.shape[0]} anchors for outputs of {num_anchors} anchors")
+        if gt_labels.numel() and int(gt_labels.max()) >= num_classes:
+            raise ValueError(f"loss: gt label {int(gt_labels.max())} out of range for {num_classes} classes")
+        matched, labels, num_fg = targets if targets is not None else self.assign(anchors, gt_boxes, gt_labels,
+                                                                                  gt_crowd)
+        fg = matched >= 0
         b_idx, a_idx = fg.nonzero(as_tuple=True)  # [P] each
         per_box = box_regression_loss(self.box_loss, box_deltas[b_idx, a_idx], anchors[a_idx],
                                       gt_boxes[b_idx, matched[b_idx, a_idx]], self.coder, self.beta)  # [P]
         alpha = self.class_alpha if self.class_alpha is not None else self.alpha
         flat_logits = cls_logits.reshape(batch * num_anchors, num_classes)  # [B, A, K] -> [B*A, K]
         if self.normalization == "batch":
-            norm = self.num_pos_reducer(num_fg.sum()).clamp(min=1.0)
+            norm = num_fg.sum().clamp(min=1.0) if normalizer is None else normalizer
             loss_cls = FocalLossFromLabels.apply(flat_logits, labels.reshape(-1), alpha, self.gamma,
                                                  self.label_smoothing, None) / norm
             loss_box = per_box.sum() / norm

@@ -62,7 +62,7 @@ class Matcher:
     def __init__(self, fg_iou: float = 0.5, bg_iou: float = 0.4, allow_low_quality: bool = True,
                  crowd_ioa: float = 0.5, chunk_elements: int = 2**18):
         if not 0.0 <= bg_iou <= fg_iou <= 1.0:
-            raise ValueError(f"matcher: need 0 <= bg_iou <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
+            raise ValueError(f"bg_iou={bg_iou} and fg_iou={fg_iou}: need 0 <= bg_iou <= fg_iou <= 1")
         self.fg_iou = float(fg_iou)
         self.bg_iou = float(bg_iou)
         self.allow_low_quality = bool(allow_low_quality)

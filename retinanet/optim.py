@@ -1,20 +1,29 @@
-"""Optimiser and per-iteration learning-rate schedule (linear warmup, then multistep or cosine)."""
+"""Optimisers and per-iteration learning-rate schedules, one factory each (``configs/optim/``, ``configs/schedule/``).
+
+Optimisers: ``sgd`` and ``adamw``. Weight decay is off for norm weights and biases unless asked. With
+``reference_batch_size`` the learning rate is scaled linearly from that batch to the run's global batch.
+
+Schedules: ``cosine``, ``multistep`` and ``constant``, each after a linear warmup. Warmup and decay are
+fractions of the run (the warmup capped in steps), so a 60-step run and a 90,000-step run both warm up
+and decay; ``set_total_steps`` re-plans a schedule when the run's length changes (``trainer.time_limit``).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("multistep", "cosine", "constant")
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_bias_decay: bool) -> list[dict]:
     """Trainable parameters, with weight decay off for norm weights and biases unless asked."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (decay if norm_bias_decay or p.ndim > 1 else no_decay).append(p)
@@ -24,24 +33,64 @@ def param_groups(model: nn.Module, weight_decay: float, norm_bias_decay: bool) -
     return groups
 
 
-def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.01, momentum: float = 0.9,
-                    weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                    norm_bias_decay: bool = False) -> torch.optim.Optimizer:
-    if lr <= 0:
-        raise ValueError(f"optim.lr={lr} must be > 0")
-    groups = param_groups(model, weight_decay, norm_bias_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-    raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}")
+def _positive(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name}={value!r} must be a number {'>= 0' if allow_zero else '> 0'}")
+    return float(value)
 
 
-def lr_factor(step: int, total_steps: int, kind: str, warmup_steps: int, warmup_factor: float,
-              milestones: tuple[float, ...], gamma: float, min_factor: float) -> float:
-    """Multiplier of the base learning rate at iteration ``step`` (0-based)."""
-    if step < warmup_steps:
-        alpha = step / max(1, warmup_steps)
+def scaled_lr(lr: float, reference_batch_size: int | None, global_batch: int | None) -> float:
+    """``lr`` scaled linearly from ``reference_batch_size`` to ``global_batch`` (as given without a reference)."""
+    lr = _positive("lr", lr)
+    if reference_batch_size is None or global_batch is None:
+        log.info("learning rate %.4g%s, as given (set optim.reference_batch_size to scale it linearly with the "
+                 "batch)", lr, f" for a global batch of {global_batch}" if global_batch else "")
+        return lr
+    if isinstance(reference_batch_size, bool) or not isinstance(reference_batch_size, int) or reference_batch_size < 1:
+        raise ValueError(f"reference_batch_size={reference_batch_size!r} must be an integer >= 1 (or null)")
+    scaled = lr * global_batch / reference_batch_size
+    log.info("learning rate %.4g = optim.lr %.4g x global batch %d / optim.reference_batch_size %d (linear scaling)",
+             scaled, lr, global_batch, reference_batch_size)
+    return scaled
+
+
+def sgd(model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4,
+        nesterov: bool = False, norm_bias_decay: bool = False, reference_batch_size: int | None = None,
+        global_batch: int | None = None) -> torch.optim.SGD:
+    """SGD with momentum (the paper's optimiser: lr 0.01 for a batch of 16)."""
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum={momentum!r} must be in [0, 1)")
+    groups = param_groups(model, _positive("weight_decay", weight_decay, True), norm_bias_decay)
+    return torch.optim.SGD(groups, lr=scaled_lr(lr, reference_batch_size, global_batch), momentum=momentum,
+                           nesterov=bool(nesterov))
+
+
+def adamw(model: nn.Module, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.05,
+          norm_bias_decay: bool = False, reference_batch_size: int | None = None,
+          global_batch: int | None = None) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay)."""
+    betas = tuple(float(b) for b in betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas={list(betas)} must be two numbers in [0, 1)")
+    groups = param_groups(model, _positive("weight_decay", weight_decay, True), norm_bias_decay)
+    return torch.optim.AdamW(groups, lr=scaled_lr(lr, reference_batch_size, global_batch), betas=betas)
+
+
+def warmup_steps(total_steps: int, warmup: float, warmup_max_steps: int | None) -> int:
+    """Steps of warmup in a run of ``total_steps``: the fraction ``warmup`` of it, at most ``warmup_max_steps``,
+    and always fewer than the run (so it ends with decay)."""
+    steps = round(warmup * total_steps)
+    if warmup_max_steps is not None:
+        steps = min(steps, int(warmup_max_steps))
+    return max(0, min(steps, total_steps - 1))
+
+
+def lr_factor(step: int, total_steps: int, kind: str, warmup: int, warmup_factor: float = 0.001,
+              milestones: Sequence[float] = (0.667, 0.889), gamma: float = 0.1, min_factor: float = 0.0) -> float:
+    """Multiplier of the base learning rate at iteration ``step`` (0-based) of ``total_steps``, after ``warmup``
+    steps of linear warmup from ``warmup_factor``."""
+    if step < warmup:
+        alpha = step / max(1, warmup)
         warm = warmup_factor * (1 - alpha) + alpha
     else:
         warm = 1.0
@@ -50,41 +99,69 @@ def lr_factor(step: int, total_steps: int, kind: str, warmup_steps: int, warmup_
     if kind == "multistep":
         passed = sum(step >= m * total_steps for m in milestones)
         return warm * gamma**passed
-    if kind == "cosine":
-        t = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
-        return warm * (min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
-    raise ValueError(f"schedule.name={kind!r} is not one of {SCHEDULES}")
+    t = min(1.0, max(0, step - warmup) / max(1, total_steps - 1 - warmup))  # cosine
+    return warm * (min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str = "multistep",
-                    warmup_steps: int = 500, warmup_factor: float = 0.001,
-                    milestones: tuple[float, ...] = (0.667, 0.889), gamma: float = 0.1,
-                    min_factor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration schedule. ``milestones`` are fractions of the total number of steps, which
-    ``set_total_steps`` may change later (a run shortened by ``trainer.time_limit``)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule.name={name!r} is not one of {SCHEDULES}")
-    milestones = tuple(milestones)
-    if any(not 0 < m < 1 for m in milestones):
-        raise ValueError(f"schedule.milestones={list(milestones)} must be fractions of training in (0, 1)")
+def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, kind: str, warmup: float,
+              warmup_max_steps: int | None, warmup_factor: float, **shape) -> torch.optim.lr_scheduler.LambdaLR:
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup={warmup!r} must be a fraction of the run in [0, 1)")
+    if warmup_max_steps is not None and (isinstance(warmup_max_steps, bool) or not isinstance(warmup_max_steps, int)
+                                         or warmup_max_steps < 0):
+        raise ValueError(f"warmup_max_steps={warmup_max_steps!r} must be an integer >= 0 or null")
+    if not 0 <= warmup_factor <= 1:
+        raise ValueError(f"warmup_factor={warmup_factor!r} must be in [0, 1]")
     # a plain function (not a callable object): LambdaLR then keeps the plan out of its state_dict,
     # so a resumed run follows its own config, not the one saved in the checkpoint
     plan = {"total_steps": int(total_steps)}
 
     def factor(step: int) -> float:
         total = plan["total_steps"]
-        return lr_factor(step, total, name, min(warmup_steps, max(0, total - 1)), warmup_factor, milestones, gamma,
-                         min_factor)
+        return lr_factor(step, total, kind, warmup_steps(total, warmup, warmup_max_steps), warmup_factor, **shape)
 
     factor.plan = plan
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.05,
+           warmup_max_steps: int | None = 1000, warmup_factor: float = 0.001,
+           min_factor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay to ``min_factor`` x lr at the last step."""
+    if not 0 <= min_factor <= 1:
+        raise ValueError(f"min_factor={min_factor!r} must be in [0, 1]")
+    return _schedule(optimizer, total_steps, "cosine", warmup, warmup_max_steps, warmup_factor, min_factor=min_factor)
+
+
+def multistep(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.05,
+              warmup_max_steps: int | None = 500, warmup_factor: float = 0.001,
+              milestones: Sequence[float] = (0.667, 0.889), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then lr x ``gamma`` at each milestone (fractions of the run: the paper's 60k and 80k of 90k)."""
+    milestones = tuple(float(m) for m in milestones)
+    if any(not 0 < m < 1 for m in milestones):
+        raise ValueError(f"milestones={list(milestones)} must be fractions of training in (0, 1)")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma={gamma!r} must be in (0, 1]")
+    return _schedule(optimizer, total_steps, "multistep", warmup, warmup_max_steps, warmup_factor,
+                     milestones=milestones, gamma=gamma)
+
+
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.05,
+             warmup_max_steps: int | None = 500, warmup_factor: float = 0.001) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then the base learning rate to the end."""
+    return _schedule(optimizer, total_steps, "constant", warmup, warmup_max_steps, warmup_factor)
+
+
 def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
-    """Re-plan a ``build_scheduler`` schedule for ``total_steps``; the current learning rate follows at once."""
+    """Re-plan a schedule of this module for ``total_steps``; the current learning rate follows at once."""
     for fn in scheduler.lr_lambdas:
         fn.plan["total_steps"] = int(total_steps)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+def total_steps_of(scheduler: torch.optim.lr_scheduler.LambdaLR) -> int:
+    """The run length a schedule of this module is planned for."""
+    return int(scheduler.lr_lambdas[0].plan["total_steps"])

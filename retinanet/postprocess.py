@@ -23,6 +23,12 @@ class PostProcessor:
 
     def __init__(self, score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
                  detections_per_img: int = 100, coder: BoxCoder | None = None):
+        for name, value, lo, hi in (("score_thresh", score_thresh, 0, 1), ("nms_thresh", nms_thresh, 0, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{name}={value!r} must be a number in [{lo}, {hi}]")
+        for name, value in (("topk_candidates", topk_candidates), ("detections_per_img", detections_per_img)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
         self.score_thresh = float(score_thresh)
         self.topk_candidates = int(topk_candidates)
         self.nms_thresh = float(nms_thresh)

@@ -39,7 +39,7 @@ class TrainState:
     best_ap: float = -1.0
     bad_steps: int = 0
     resumed_from: str | None = None
-    epochs_cut: int | None = None       # the epochs trainer.time_limit left to this run (None: not cut)
+    planned_steps: int | None = None    # the run's total steps as trainer.time_limit planned them (None: no limit)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Checkpointer:
             "epoch_complete": epoch_complete, "epoch_progress": state.progress.state_dict(),
             "sampler": dict(self.sampler_key), "rng": rng_state(), "config": self.config,
             "label_map": self.label_map, "metrics": metrics, "history": state.history,
-            "best_ap": state.best_ap, "bad_steps": state.bad_steps, "epochs_cut": state.epochs_cut,
+            "best_ap": state.best_ap, "bad_steps": state.bad_steps, "planned_steps": state.planned_steps,
         }
         if self.scaler is not None:
             ckpt["scaler"] = self.scaler.state_dict()
@@ -89,7 +89,7 @@ class Checkpointer:
 
     def load(self, path: Path) -> TrainState:
         """Restore every object from checkpoint ``path``; returns where to continue."""
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path)  # a bad file: CheckpointError naming it (one line, exit code 2)
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as err:
@@ -112,7 +112,7 @@ class Checkpointer:
             set_rng_state(ckpt["rng"])
         state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), history=list(ckpt.get("history", [])),
                            best_ap=float(ckpt.get("best_ap", -1.0)), bad_steps=int(ckpt.get("bad_steps", 0)),
-                           resumed_from=str(path), epochs_cut=ckpt.get("epochs_cut"))
+                           resumed_from=str(path), planned_steps=ckpt.get("planned_steps"))
         if ckpt.get("epoch_complete", True):
             state.epoch += 1
         elif ckpt.get("sampler") != self.sampler_key:

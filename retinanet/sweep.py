@@ -89,7 +89,7 @@ def load_run(run_dir: Path) -> Run:
     if not final or "stats" not in final:
         run.status = f"unfinished ({len(metrics.get('history', []))} epochs done)"
         return run
-    run.stats = {k: float(v) for k, v in final["stats"].items()}
+    run.stats = {k: (None if v is None else float(v)) for k, v in final["stats"].items()}  # None: COCO's n/a
     return run
 
 
@@ -103,7 +103,7 @@ def collect_runs(sweep_dir) -> list[Run]:
     if not runs:
         raise FileNotFoundError(f"no runs in {sweep_dir}: no <run>/.hydra/overrides.yaml below it "
                                 "(is this the hydra.sweep.dir of a multirun?)")
-    finished = sorted((r for r in runs if r.stats), key=lambda r: -r.stats.get("AP", -1.0))
+    finished = sorted((r for r in runs if r.stats), key=lambda r: -(r.stats.get("AP") or -1.0))
     return finished + [r for r in runs if not r.stats]
 
 
@@ -122,7 +122,7 @@ def common_overrides(runs: list[Run]) -> list[str]:
 
 
 def _fmt(value: float | None) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -187,7 +187,7 @@ def ap_grid(runs: list[Run], row_key: str = "loss.gamma", col_key: str = "loss.a
     """``(row labels, col labels, mean metric [rows][cols] (None where no run), run count [rows][cols])``.
 
     Runs sharing a cell (e.g. different seeds) are averaged."""
-    done = [r for r in runs if r.stats and metric in r.stats]
+    done = [r for r in runs if r.stats and r.stats.get(metric) is not None]
     rows = _order({_label(r.value(row_key)) for r in done})
     cols = _order({_label(r.value(col_key)) for r in done})
     sums = [[0.0] * len(cols) for _ in rows]

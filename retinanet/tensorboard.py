@@ -18,8 +18,6 @@ Tags (``val`` becomes ``val_ema`` for the EMA weights' evaluation):
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -29,9 +27,10 @@ from retinanet.visualize import draw_boxes
 
 GT_COLOR = (0, 230, 0)
 PRED_COLOR = (255, 40, 40)
-# hyperparameters shown in the HParams tab of every run (missing keys are left out)
-HPARAM_KEYS = ("loss.alpha", "loss.gamma", "loss.label_smoothing", "loss.box_loss", "loss.beta", "optim.name",
-               "optim.lr", "optim.weight_decay", "trainer.batch_size", "trainer.epochs", "model.name", "data.name",
+# shown in the HParams tab of every run: every setting of these built groups (whatever their _target_ takes) ...
+HPARAM_GROUPS = ("loss", "optim", "schedule")
+# ... and these keys of the run (missing keys are left out)
+HPARAM_KEYS = ("trainer.batch_size", "trainer.epochs", "trainer.time_limit", "model.name", "data.name",
                "data.min_size", "seed")
 
 
@@ -74,21 +73,11 @@ def draw_eval_image(image: np.ndarray, gt_boxes, gt_labels, det: dict, class_nam
     return np.asarray(canvas)
 
 
-def _ground_truth(dataset, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-crowd ground truth of ``image_id`` from the dataset's pycocotools index: boxes xyxy [N, 4], labels [N]."""
-    anns = [a for a in dataset.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-    xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # xywh -> xyxy
-    labels = np.array([dataset.cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
-    return boxes, labels
-
-
-def _load_image(dataset, index: int) -> np.ndarray:
-    if hasattr(dataset, "load_image"):
-        return dataset.load_image(index)
-    from retinanet.data.image_io import load_rgb
-
-    return load_rgb(os.path.join(dataset.img_dir, dataset.coco.imgs[dataset.image_ids[index]]["file_name"]))
+def _ground_truth(dataset, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-crowd ground truth of image ``index``: the dataset's cleaned boxes (what training and COCOeval use),
+    xyxy [N, 4] in original pixels, and labels [N]."""
+    boxes, labels, crowd = dataset.annotations(index)
+    return boxes[~crowd], labels[~crowd]
 
 
 def log_val_images(writer, step: int, dataset, detections: list[dict], image_ids, num_images: int = 4,
@@ -101,8 +90,8 @@ def log_val_images(writer, step: int, dataset, detections: list[dict], image_ids
         if logged >= num_images:
             break
         image_id = int(image_id)
-        boxes, labels = _ground_truth(dataset, image_id)
-        drawn = draw_eval_image(_load_image(dataset, index_of[image_id]), boxes, labels, det, dataset.class_names,
+        boxes, labels = _ground_truth(dataset, index_of[image_id])
+        drawn = draw_eval_image(dataset.load_image(index_of[image_id]), boxes, labels, det, dataset.class_names,
                                 min_score, max_dets)
         writer.add_image(f"{prefix}_images/{logged}_id{image_id}", drawn, step, dataformats="HWC")
         logged += 1
@@ -153,7 +142,7 @@ def log_class_ap(writer, step: int, per_class: dict, cat_ids, class_names, prefi
     ground truth are skipped."""
     for cat, name in zip(cat_ids, class_names):
         ap = per_class.get(int(cat), per_class.get(str(cat)))
-        if ap is not None and np.isfinite(ap):
+        if ap is not None and np.isfinite(ap):  # None: no ground truth of that class
             writer.add_scalar(f"{prefix}_ap/{name}", float(ap), step)
 
 
@@ -166,14 +155,10 @@ def log_score_distribution(writer, step: int, detections: list[dict], prefix: st
         writer.add_histogram(f"{prefix}/score_hist", flat, step, bins="auto" if flat.numel() > 1 else "tensorflow")
 
 
-def num_gt_per_class(dataset, image_ids, cat_ids) -> list[int]:
-    """Non-crowd ground-truth boxes per category over ``image_ids`` (what COCOeval counts for area 'all')."""
-    ids = {int(i) for i in image_ids}
-    counts = {int(c): 0 for c in cat_ids}
-    for ann in dataset.coco.dataset.get("annotations", []):
-        if ann["image_id"] in ids and not ann.get("iscrowd", 0) and ann["category_id"] in counts:
-            counts[ann["category_id"]] += 1
-    return [counts[int(c)] for c in cat_ids]
+def num_gt_per_class(dataset, cat_ids) -> list[int]:
+    """Non-crowd ground-truth boxes per category of the dataset (what COCOeval counts for area 'all')."""
+    counts = dict(zip(dataset.label_to_cat_id, dataset.class_counts().tolist()))
+    return [int(counts[int(c)]) for c in cat_ids]
 
 
 def log_eval_visuals(writer, step: int, dataset, detections: list[dict], image_ids, metrics: dict,
@@ -192,7 +177,7 @@ def log_eval_visuals(writer, step: int, dataset, detections: list[dict], image_i
     if precision is not None:
         order = np.argsort(cat_ids)  # COCOeval's class columns follow sorted category ids
         log_pr_curves(writer, step, precision, [names[k] for k in order],
-                      num_gt_per_class(dataset, image_ids, [cat_ids[k] for k in order]), prefix=prefix)
+                      num_gt_per_class(dataset, [cat_ids[k] for k in order]), prefix=prefix)
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -225,11 +210,28 @@ def _override_items() -> list[tuple[str, str]]:
     return items
 
 
-def hparams_of(cfg: DictConfig, keys=HPARAM_KEYS) -> dict:
-    """``{dotted key: value}`` for ``keys`` and every command-line override; config groups chosen
-    on the command line (``model=retinanet_r50``) appear with the chosen name."""
+def _leaves(node, prefix: str) -> dict:
+    """``{dotted key: value}`` of every scalar setting under a config node (``_target_`` as the class name)."""
+    out = {}
+    for k, v in node.items():
+        key = f"{prefix}.{k}"
+        if isinstance(v, DictConfig):
+            out.update(_leaves(v, key))
+        elif k == "_target_":
+            out[key] = str(v).rsplit(".", 1)[-1]
+        else:
+            out[key] = _hparam_value(v)
+    return out
+
+
+def hparams_of(cfg: DictConfig, keys=HPARAM_KEYS, groups=HPARAM_GROUPS) -> dict:
+    """``{dotted key: value}`` for every setting of ``groups``, ``keys`` and every command-line override;
+    config groups chosen on the command line (``model=retinanet_r50``) appear with the chosen name."""
     absent = object()
     out = {}
+    for group in groups:
+        if isinstance(cfg.get(group), DictConfig):
+            out.update(_leaves(cfg[group], group))
     for key in keys:
         value = OmegaConf.select(cfg, key, default=absent)
         if value is not absent:
@@ -247,13 +249,13 @@ def log_hparams(writer, cfg: DictConfig, metrics: dict | None, step: int | None 
     Only the session start / end records are written, no experiment record: TensorBoard then builds
     the table from all sessions (the union of their hyperparameters, every scalar as a metric),
     whereas with one experiment record per run it would pick one run's columns arbitrarily.
-    ``metrics`` is the final ``evaluate_split`` result (None: only the hyperparameters are logged).
+    ``metrics`` is the final ``evaluate`` result (None: only the hyperparameters are logged).
     Returns the hparams dict."""
     from torch.utils.tensorboard.summary import hparams
 
     hp = hparams_of(cfg)
     stats = (metrics or {}).get("stats", {})
-    metric_values = {f"hparam/{name}": float(stats[name]) for name in STAT_NAMES if name in stats}
+    metric_values = {f"hparam/{name}": float(stats[name]) for name in STAT_NAMES if stats.get(name) is not None}
     val_loss = (metrics or {}).get("loss", {}).get("loss")
     if val_loss is not None:
         metric_values["hparam/val_loss"] = float(val_loss)

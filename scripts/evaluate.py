@@ -8,51 +8,50 @@ Examples:
     python scripts/evaluate.py checkpoint=run/best.pt data=custom data.val_ann=mine/val.json data.val_images=mine/img
 """
 
-import logging
 import sys
 from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
+from retinanet.cli import command_line_values, run_or_exit  # noqa: E402
+from retinanet.config import build  # noqa: E402
 from retinanet.data.build import build_dataset, build_loader  # noqa: E402
+from retinanet.detector import Detector  # noqa: E402
 from retinanet.errors import ConfigError  # noqa: E402
-from retinanet.evaluation import coco_evaluate, format_metrics, to_coco_results  # noqa: E402
-from retinanet.inference import dataset_category_ids, detect, load_detector  # noqa: E402
-
-log = logging.getLogger("evaluate")
+from retinanet.evaluation import evaluate, format_metrics, to_coco_results  # noqa: E402
 
 
-def run(cfg: DictConfig, out_dir) -> dict:
-    """Evaluate ``cfg.checkpoint`` on ``cfg.data``'s ``cfg.split``; returns the metrics written to metrics.json."""
+def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.data``'s ``cfg.split``; returns the metrics written to metrics.json.
+
+    ``postprocess``: settings that replace the checkpoint's (default: those set on the command line).
+    """
     if cfg.split not in ("train", "val"):
         raise ConfigError(f"split={cfg.split!r} must be train or val")
-    detector = load_detector(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, score_thresh=cfg.score_thresh,
-                             nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img)
+    post = postprocess if postprocess is not None else command_line_values(cfg, "postprocess")
+    detector = Detector.from_checkpoint(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, postprocess=post)
     if cfg.data.generate is not None:
-        instantiate(cfg.data.generate)
+        build(cfg.data.generate)
     dataset = build_dataset(cfg.data, cfg.split, train=False, resize=(detector.min_size, detector.max_size))
-    cat_ids = dataset_category_ids(detector, dataset)
-    loader = build_loader(dataset, cfg.batch_size, False, cfg.num_workers, detector.size_divisible, 0,
+    cat_ids = detector.dataset_category_ids(dataset)
+    batch_size = cfg.batch_size or detector.config.get("trainer", {}).get("eval_batch_size", 8)
+    loader = build_loader(dataset, batch_size, False, cfg.num_workers, detector.size_divisible, 0,
                           detector.device.type == "cuda")
-    detections, image_ids = detect(detector, loader, cfg.progress, desc="evaluate")
-    results = to_coco_results(detections, image_ids, cat_ids)
-    metrics = coco_evaluate(dataset.coco, [dict(r) for r in results], image_ids)  # loadRes adds keys in place
+    result = evaluate(detector, loader, dataset, progress=cfg.progress, desc="evaluate", category_ids=cat_ids)
+    results = to_coco_results(result.detections, result.image_ids, cat_ids)
     out_dir = Path(out_dir)
     atomic_write_json(results, out_dir / "results.json", indent=None)
-    summary = {"checkpoint": str(cfg.checkpoint), "annotations": dataset.ann_file, "images": len(image_ids),
-               "skipped_images": dataset.load_skipped, "skipped_records": dataset.skipped,
-               "num_detections": len(results), **metrics}
+    summary = {"checkpoint": str(cfg.checkpoint), "annotations": dataset.ann_file, "skipped_images": dataset.load_skipped,
+               "skipped_records": dataset.skipped, **result.metrics}
     atomic_write_json(summary, out_dir / "metrics.json")
-    names = dict(zip(dataset.label_to_cat_id, dataset.class_names))
-    print(f"\nCOCO evaluation of {cfg.checkpoint} on {dataset.ann_file} ({len(image_ids)} images):\n"
-          + format_metrics(metrics, names))
+    names = dict(zip(cat_ids, detector.class_names))
+    print(f"\nCOCO evaluation of {cfg.checkpoint} on {dataset.ann_file} ({len(dataset)} images):\n"
+          + format_metrics(result.metrics, names))
     print(f"\nwrote {out_dir / 'results.json'} ({len(results)} detections) and {out_dir / 'metrics.json'}")
     return summary
 

@@ -8,7 +8,7 @@ with the detections above render_score_thresh drawn. Non-image files are skipped
 
 Examples:
     python scripts/infer.py checkpoint=run/best.pt input=photos/ output=photos_detected/
-    python scripts/infer.py checkpoint=run/best.pt input='photos/**/*.jpg' output=out/ score_thresh=0.3
+    python scripts/infer.py checkpoint=run/best.pt input='photos/**/*.jpg' output=out/ postprocess.score_thresh=0.3
 """
 
 import logging
@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
+from retinanet.cli import command_line_values, run_or_exit  # noqa: E402
 from retinanet.data.build import build_loader  # noqa: E402
 from retinanet.data.image_io import ImageReadError, load_rgb  # noqa: E402
-from retinanet.inference import ImageFiles, detect, find_images, load_detector  # noqa: E402
+from retinanet.detector import Detector  # noqa: E402
+from retinanet.inference import ImageFiles, find_images  # noqa: E402
 from retinanet.visualize import draw_detections  # noqa: E402
 
 log = logging.getLogger("infer")
@@ -37,18 +38,21 @@ def _rendered_path(root: Path, rel: Path) -> Path:
     return root / rel.with_suffix(suffix)
 
 
-def run(cfg: DictConfig, out_dir) -> dict:
-    """Detect on every image of ``cfg.input``; returns the detections JSON (also written to out_dir)."""
+def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
+    """Detect on every image of ``cfg.input``; returns the detections JSON (also written to out_dir).
+
+    ``postprocess``: settings that replace the checkpoint's (default: those set on the command line).
+    """
     out_dir = Path(out_dir)
     paths, root, others = find_images(str(cfg.input), exclude=out_dir)
-    detector = load_detector(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, score_thresh=cfg.score_thresh,
-                             nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img)
+    post = postprocess if postprocess is not None else command_line_values(cfg, "postprocess")
+    detector = Detector.from_checkpoint(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, postprocess=post)
     if others:
         log.info("skipped %d non-image files, e.g. %s", len(others), [str(p) for p in others[:5]])
     names = [p.relative_to(root).as_posix() if root in p.parents else p.name for p in paths]
     loader = build_loader(ImageFiles(paths, detector.transform()), cfg.batch_size, False, cfg.num_workers,
                           detector.size_divisible, 0, detector.device.type == "cuda")
-    detections, ids = detect(detector, loader, cfg.progress, desc="infer")
+    detections, ids, _ = detector.detect(loader, cfg.progress, desc="infer")
     unreadable = sorted(set(range(len(paths))) - set(ids))
     images, anns = [], []
     for det, i in zip(detections, ids):

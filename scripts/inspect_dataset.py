@@ -22,12 +22,11 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
+from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.data.build import build_dataset  # noqa: E402
 from retinanet.errors import ConfigError  # noqa: E402
-from retinanet.inspect import (anchor_coverage, dataset_statistics, format_report, render_samples,  # noqa: E402
-                               suggested_alpha)
+from retinanet.inspect import anchor_coverage, dataset_statistics, format_report, render_samples, suggested_alpha  # noqa: E402
 
 log = logging.getLogger("inspect")
 

@@ -8,7 +8,6 @@ Examples:
     torchrun --nproc_per_node=4 scripts/train.py optim.reference_batch_size=16  # DDP (README: many GPUs)
 """
 
-import logging
 import sys
 from pathlib import Path
 
@@ -19,20 +18,15 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from retinanet import distributed  # noqa: E402
-from retinanet.errors import UserError  # noqa: E402
+from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.trainer import run  # noqa: E402
-
-log = logging.getLogger("train")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
-        distributed.share_run_dir(HydraConfig.get().runtime.output_dir)  # torchrun: every rank uses rank 0's
-        return run(cfg, HydraConfig.get().runtime.output_dir)
-    except UserError as err:
-        log.error("%s", err)
-        sys.exit(2)
+    out_dir = HydraConfig.get().runtime.output_dir
+    distributed.share_run_dir(out_dir)  # torchrun: every rank uses rank 0's
+    return run_or_exit(run, cfg, out_dir)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def tiny_train_overrides(root: Path, out_epochs: int = 2) -> list[str]:
         f"trainer.epochs={out_epochs}", "trainer.batch_size=8",
         "trainer.eval_batch_size=16", "trainer.num_workers=0", "trainer.progress=false", "trainer.log_every=1",
         "model.net.fpn_channels=32", "model.net.head_width=32", "model.net.head_depth=2",
-        "schedule.warmup_steps=2", "data.generate.workers=1",
+        "schedule.warmup=0.2", "data.generate.workers=1",
     ]
 
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_train
 from retinanet.checkpoint import load_checkpoint
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.ema import ModelEma
-from retinanet.engine import StepContext, train_one_epoch
+from retinanet.engine import TrainStep, train_one_epoch
 from retinanet.errors import ConfigError
-from retinanet.trainer import precision_setup, run
+from retinanet.runtime import precision_setup
+from retinanet.trainer import run
+
+from conftest import compose_train
 from test_resume import make_micro_shapes, micro_overrides
 
 
@@ -40,8 +42,8 @@ class RecordingLoss(torch.nn.Module):
         self.criterion, self.seen = criterion, []
         self.normalization = criterion.normalization
 
-    def forward(self, cls_logits, box_deltas, *rest):
-        out = self.criterion(cls_logits, box_deltas, *rest)
+    def forward(self, cls_logits, box_deltas, *rest, **kwargs):
+        out = self.criterion(cls_logits, box_deltas, *rest, **kwargs)
         self.seen.append((cls_logits.dtype, box_deltas.dtype, out["loss"].dtype))
         return out
 
@@ -63,38 +65,45 @@ def epoch_pieces(micro: Path, autocast_dtype, scaler):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     states = []
-    ctx = StepContext(criterion=RecordingLoss(instantiate(cfg.loss, num_classes=6)), anchors=anchors,
-                      device=torch.device("cpu"), autocast_dtype=autocast_dtype, scaler=scaler, progress=False,
-                      channels_last=True,
-                      after_step=lambda step, progress: states.append(
-                          {k: v.detach().clone() for k, v in model.named_parameters()}))
-    return model, (loader, optimizer, scheduler, ctx), head_dtypes, states
+    criterion = RecordingLoss(instantiate(cfg.loss, num_classes=6))
+    train_step = TrainStep(model, criterion, anchors, optimizer, scheduler, torch.device("cpu"),
+                           autocast_dtype=autocast_dtype, scaler=scaler, channels_last=True)
+
+    def on_step(result, progress):
+        states.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return False
+
+    return model, (train_step, loader, on_step), head_dtypes, states
+
+
+def epoch(train_step, loader, on_step) -> dict:
+    return train_one_epoch(train_step, loader, epoch=1, step=0, on_step=on_step, show_progress=False)
 
 
 def test_bf16_autocast_on_cpu_runs_the_model_in_bf16_and_the_loss_in_fp32(micro, one_thread):
-    model, (loader, optimizer, scheduler, ctx), head_dtypes, states = epoch_pieces(micro, torch.bfloat16, None)
+    model, pieces, head_dtypes, states = epoch_pieces(micro, torch.bfloat16, None)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    stats = train_one_epoch(model, loader, optimizer, scheduler, ctx, epoch=1, step=0)
+    stats = epoch(*pieces)
     assert stats["step"] == 4 and torch.isfinite(torch.tensor(stats["loss"]))
     assert set(head_dtypes) == {torch.bfloat16}  # convolutions under autocast
-    assert set(ctx.criterion.seen) == {(torch.float32, torch.float32, torch.float32)}  # the loss is fp32
+    assert set(pieces[0].criterion.seen) == {(torch.float32, torch.float32, torch.float32)}  # the loss is fp32
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights, updated
     assert not all(torch.equal(before[k], states[-1][k]) for k in before)
 
 
 def test_fp16_with_grad_scaler_skips_overflowing_steps_without_counting_them_bad(micro, one_thread):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
-    model, (loader, optimizer, scheduler, ctx), head_dtypes, states = epoch_pieces(micro, torch.float16, scaler)
+    model, pieces, head_dtypes, states = epoch_pieces(micro, torch.float16, scaler)
     calls = [0]
     model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
     weight = next(p for p in model.box_head.parameters())
     weight.register_hook(lambda g: g * float("inf") if calls[0] == 2 else g)  # an fp16 overflow at step 2
-    stats = train_one_epoch(model, loader, optimizer, scheduler, ctx, epoch=1, step=0)
+    stats = epoch(*pieces)
     assert set(head_dtypes) == {torch.float16} and stats["step"] == 4
-    assert set(ctx.criterion.seen) == {(torch.float32, torch.float32, torch.float32)}
+    assert set(pieces[0].criterion.seen) == {(torch.float32, torch.float32, torch.float32)}
     assert all(torch.equal(states[1][k], states[0][k]) for k in states[0])  # the scaler skipped step 2 ...
     assert scaler.get_scale() == 2.0**13  # ... and halved the scale
-    assert ctx.bad_steps == 0  # normal AMP behaviour, not a bad step
+    assert stats["bad_steps"] == 0  # normal AMP behaviour, not a bad step
     assert not all(torch.equal(states[3][k], states[2][k]) for k in states[2])
 
 
@@ -109,9 +118,9 @@ def test_precision_settings(caplog):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(native, monkeypatch, caplog):
-    from retinanet import trainer
+    from retinanet import runtime
 
-    monkeypatch.setattr(trainer, "native_bf16", lambda device: native)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
     with caplog.at_level(logging.INFO):
         got = precision_setup("auto", torch.device("cpu"))
     assert got == ((torch.bfloat16, None) if native else (None, None))
@@ -119,7 +128,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(native, 
 
 
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):
-    from retinanet.trainer import native_bf16
+    from retinanet.runtime import native_bf16
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -151,6 +160,7 @@ def test_ema_follows_the_formula():
         ModelEma(model, 1.0)
 
 
+@pytest.mark.slow
 def test_trainer_with_bf16_and_ema_evaluates_and_checkpoints_both(micro, tmp_path):
     ap = run(compose_train(micro_overrides(micro, epochs=1) + SMALL + ["trainer.precision=bf16-mixed",
                                                                        "trainer.ema.decay=0.5"]), tmp_path)

@@ -1,10 +1,12 @@
 """Bad input with data.on_error=raise|skip: counted skips of bad records and missing files at build
 time, corrupt / truncated images at load time (replaced in training, dropped in evaluation, reported
-at the end of every pass, also from DataLoader worker processes), and crowd boxes reaching the loss
-as ignore regions."""
+at the end of every pass, also from DataLoader worker processes, as one line), boxes the loader drops
+never reaching evaluation or the pictures, and crowd boxes reaching the loss as ignore regions."""
 
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,12 +16,16 @@ from PIL import Image
 from torchvision.ops import sigmoid_focal_loss
 
 from retinanet.anchors import AnchorGenerator
+from retinanet.cli import user_message
 from retinanet.data import CocoDetection, DatasetError, ImageReadError
 from retinanet.data.build import SkippingCollate, build_dataset, build_loader
+from retinanet.detector import Detector
 from retinanet.errors import ConfigError
-from retinanet.inference import detect
+from retinanet.evaluation import coco_evaluate, ground_truth_as_detections, to_coco_results
 from retinanet.losses import RetinaNetLoss
 from retinanet.matcher import IGNORE, Matcher
+
+from conftest import ROOT
 
 CATS = [{"id": 3, "name": "cat"}, {"id": 8, "name": "dog"}]
 
@@ -79,19 +85,21 @@ def test_skip_mode_drops_bad_records_and_counts_each_reason(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         ds = CocoDetection(ann, img_dir, on_error="skip")
     assert ds.skipped == {
-        "images with missing fields": 1, "images with a duplicate id": 1, "images outside the image folder": 1,
+        "images with missing fields": 1, "images with a duplicate id": 2, "images outside the image folder": 1,
         "annotations with missing fields": 1, "annotations with a duplicate id": 1,
         "annotations of skipped images": 1, "annotations of unknown images": 1,
         "annotations of unknown categories": 1, "annotations with a malformed bbox": 1,
         "images whose file is missing": 1, "annotations of images whose file is missing": 1}
     text = caplog.text
     for part in ("skipped 1 images outside the image folder", "'../outside.png'", "field 'category_id'=99",
-                 "images[3] has a duplicate id 3", "field 'file_name'='gone.png' not found", "ann.json"):
+                 "skipped 2 images with a duplicate id", "images[2, 3] share the id 3",
+                 "field 'file_name'='gone.png' not found", "ann.json"):
         assert part in text, part
     assert ds.image_ids == [1, 6]
     assert ds.box_counts["non-finite"] == 1 and ds.box_counts["clipped"] == 1
     np.testing.assert_array_equal(ds[1]["boxes"], [[40, 30, 48, 40]])
-    assert sorted(ds.coco.anns) == [1, 9, 10]  # evaluation sees the valid records only
+    assert sorted(ds.coco.anns) == [1, 10]  # evaluation sees what was validated: the NaN box (9) is gone ...
+    assert ds.coco.anns[10]["bbox"] == [40, 30, 8, 10] and ds.coco.anns[10]["area"] == 80  # ... box 10 clipped
 
 
 def test_on_error_value_is_checked(tmp_path):
@@ -147,13 +155,63 @@ def test_batches_of_only_skipped_images_are_empty_and_ignored(tmp_path):
 
     calls = []
 
-    def fake_detector(batch):
-        calls.append(len(batch))
-        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
-                for _ in range(len(batch))]
+    class FakeDetector:
+        model = torch.nn.Identity()
 
-    dets, ids = detect(fake_detector, batches, progress=False)
+        def detect_batch(self, batch, criterion=None):
+            calls.append(len(batch))
+            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                     "labels": torch.zeros(0, dtype=torch.int64)} for _ in range(len(batch))], None
+
+    dets, ids, _ = Detector.detect(FakeDetector(), batches, progress=False)
     assert calls == [1] and ids == [102] and dets[0]["orig_size"] == (40, 48)
+
+
+def test_an_image_the_evaluation_could_not_read_counts_as_missed(tmp_path):
+    ann, img_dir = make_dataset(tmp_path, bad={"a2.png"})
+    ds = build_dataset(data_cfg(ann, img_dir, "skip"), "val", train=False)
+    read = [i for i in ds.image_ids if i != 102]  # a2.png (id 102) was skipped when loaded
+    dets = ground_truth_as_detections(ds.coco, ds.cat_id_to_label, read)
+    metrics = coco_evaluate(ds.coco, to_coco_results(dets, read, ds.label_to_cat_id), ds.image_ids)
+    assert metrics["stats"]["AR100"] == pytest.approx(5 / 6)  # its object is missed, not forgotten
+
+
+def test_dropped_boxes_are_not_ground_truth_for_the_evaluation(tmp_path):
+    anns = [{"id": i + 1, "image_id": 100 + i, "category_id": 3, "bbox": [4, 4, 20, 16]} for i in range(3)]
+    anns += [{"id": 10, "image_id": 100, "category_id": 3, "bbox": [30, 20, -5, 30]},  # negative width: dropped
+             {"id": 11, "image_id": 101, "category_id": 8, "bbox": [2, 2, float("nan"), 9]}]  # NaN: dropped
+    ann, img_dir = make_dataset(tmp_path, n=3, annotations=anns)
+    ds = CocoDetection(ann, img_dir)
+    assert sorted(ds.coco.anns) == [1, 2, 3] and ds.box_counts["dropped"] == 2
+    dets = ground_truth_as_detections(ds.coco, ds.cat_id_to_label, ds.image_ids)  # a perfect detector
+    metrics = coco_evaluate(ds.coco, to_coco_results(dets, ds.image_ids, ds.label_to_cat_id))
+    assert metrics["stats"]["AP"] == pytest.approx(1.0) and metrics["stats"]["AR100"] == pytest.approx(1.0)
+    assert metrics["per_class"][8] is None  # class 8's only box was dropped: nothing to measure, not a fake 0
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line(tmp_path):
+    ann, img_dir = make_dataset(tmp_path, bad={"a2.png"})
+    ds = build_dataset(data_cfg(ann, img_dir), "val", train=False)
+    with pytest.raises(ImageReadError) as err:
+        list(build_loader(ds, 2, False, 1, 32, 0, False))  # one worker process: torch re-raises its traceback
+    assert "Caught ImageReadError in DataLoader worker" in str(err.value)
+    message = user_message(err.value)
+    assert message.startswith("cannot read image ") and "a2.png" in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_training_reports_an_unreadable_image_as_one_line_with_exit_code_2(tmp_path):
+    ann, img_dir = make_dataset(tmp_path, bad={"a2.png"})
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "data=custom",
+                           f"data.train_ann={ann}", f"data.train_images={img_dir}", f"data.val_ann={ann}",
+                           f"data.val_images={img_dir}", "data.min_size=32", "data.max_size=48", "trainer.epochs=1",
+                           "trainer.time_limit=null", "trainer.batch_size=2", "trainer.num_workers=1",
+                           "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-3000:]
+    assert "cannot read image" in text and "a2.png" in text
+    assert "Traceback" not in text and "Caught ImageReadError" not in text
 
 
 def test_all_images_unreadable_is_an_error(tmp_path):
@@ -200,3 +258,26 @@ def test_crowd_boxes_reach_the_loss_as_ignore_regions(tmp_path):
     batch.gt_crowd[:] = False  # the same box as an object: it becomes a positive target
     assert float(loss_fn(logits.detach(), torch.zeros(1, len(anchors), 4), anchors, batch.gt_boxes, batch.gt_labels,
                          batch.gt_crowd)["num_pos"]) > 0
+
+
+@pytest.mark.slow
+def test_a_run_whose_boxes_the_loader_dropped_trains_evaluates_draws_and_saves(tmp_path):
+    # the dropped boxes once crashed the end-of-training pictures (PIL: x1 < x0; int(NaN)) before best.pt
+    from retinanet.trainer import run
+
+    from conftest import compose_train
+
+    anns = [{"id": i + 1, "image_id": 100 + i, "category_id": 3 if i % 2 else 8, "bbox": [4, 4, 20, 16]}
+            for i in range(6)]
+    anns += [{"id": 10, "image_id": 100, "category_id": 3, "bbox": [30, 20, -5, 30]},
+             {"id": 11, "image_id": 101, "category_id": 8, "bbox": [2, 2, float("nan"), 9]}]
+    ann, img_dir = make_dataset(tmp_path, annotations=anns)
+    paths = [f"data.{split}_{kind}={path}" for split in ("train", "val")
+             for kind, path in (("ann", ann), ("images", img_dir))]
+    out = tmp_path / "run"
+    run(compose_train(["data=custom", *paths, "data.min_size=32", "data.max_size=48", "trainer.epochs=1",
+                       "trainer.time_limit=null", "trainer.batch_size=2", "trainer.num_workers=0",
+                       "trainer.progress=false", "trainer.eval_every=0", "model.net.fpn_channels=16",
+                       "model.net.head_width=16", "model.net.head_depth=1", "postprocess.score_thresh=0.0"]), out)
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert json.loads((out / "metrics.json").read_text())["final"]["images"] == 6

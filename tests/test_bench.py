@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from retinanet.bench import loss, postprocess
-from retinanet.bench.memory import measure_here
-from retinanet.bench.report import COLUMNS
-from retinanet.bench.runner import SIZES
+from benchmarks import loss, postprocess
+from benchmarks.memory import measure_here
+from benchmarks.report import COLUMNS
+from benchmarks.runner import SIZES
 
 
 @pytest.fixture
@@ -20,11 +20,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_tiny_bench_writes_table_and_json_and_both_sides_agree(tmp_path, tiny_shapes, one_thread, capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).parents[1] / "scripts" / "bench.py")
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).parents[1] / "benchmarks" / "bench.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "bench.json"
@@ -91,9 +92,9 @@ def test_train_step_profile_groups_operators_and_finds_the_convolutions(one_thre
     import importlib.util
     from pathlib import Path
 
-    from retinanet.bench import train
+    from benchmarks import train
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_train_step.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_train_step.py"
     spec = importlib.util.spec_from_file_location("profile_train_step", path)
     prof = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prof)

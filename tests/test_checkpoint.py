@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from retinanet.checkpoint import atomic_save, atomic_write_json, load_checkpoint
+from retinanet.checkpoint import CheckpointError, atomic_save, atomic_write_json, load_checkpoint
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -30,15 +30,19 @@ def test_failed_write_keeps_previous_file(tmp_path):
 
 
 def test_load_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="missing.pt' does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pt"):
+    with pytest.raises(CheckpointError, match="garbage.pt' cannot be read: not a PyTorch checkpoint"):
         load_checkpoint(bad)
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="no 'model' entry"):
+    with pytest.raises(CheckpointError, match="no 'model' entry"):
         load_checkpoint(tmp_path / "other.pt")
+    torch.save({"model": {}, "hook": print}, tmp_path / "code.pt")  # a pickled function: never loaded
+    with pytest.raises(CheckpointError, match="refused because loading them could run code") as err:
+        load_checkpoint(tmp_path / "code.pt")
+    assert "weights_only" not in str(err.value)  # torch's advice to load unsafely is never passed on
 
 
 def test_json_is_atomic_and_readable(tmp_path):

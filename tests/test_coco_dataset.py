@@ -69,7 +69,8 @@ def test_degenerate_boxes_dropped_and_clipped_with_one_warning(tmp_path, caplog)
     assert ds[0]["labels"].tolist() == [2]
     np.testing.assert_allclose(ds[1]["boxes"], [[2.5, 3.5, 6.75, 8.5]])
     assert ds.class_counts().tolist() == [0, 1, 1]
-    assert len(ds.coco.getAnnIds()) == 7  # evaluation sees the file as it is
+    assert sorted(ds.coco.getAnnIds()) == [100, 101]  # evaluation sees what was validated, as training does
+    assert ds.coco.anns[100]["bbox"] == [0, 20, 10, 10]  # clipped like the training box
 
 
 def test_no_warning_for_clean_data(tmp_path, caplog):
@@ -95,7 +96,7 @@ BAD_INPUTS = [
     ("not a list", lambda d: d.update(images={}), ["'images' must be a list"]),
     ("image field", lambda d: d["images"][1].pop("file_name"), ["images[1]", "id=11", "file_name"]),
     ("ann field", lambda d: d["annotations"][0].pop("bbox"), ["annotations[0]", "id=1", "bbox"]),
-    ("dup image", lambda d: d["images"][1].update(id=10), ["images[1]", "duplicate id 10"]),
+    ("dup image", lambda d: d["images"][1].update(id=10), ["images[0, 1] share the id 10"]),
     ("dup ann", lambda d: d["annotations"][1].update(id=1), ["annotations[1]", "duplicate id 1"]),
     ("unknown image", lambda d: d["annotations"][1].update(image_id=77),
      ["annotations[1]", "id=2", "'image_id'=77"]),

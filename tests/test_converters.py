@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
 from retinanet.data import CocoDetection
 from retinanet.data.convert import ConvertError, convert_csv, convert_voc, convert_yolo, split_train_val, write_coco
+
+from conftest import ROOT
 
 
 def image(path, w, h, fmt=None):

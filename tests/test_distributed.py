@@ -5,7 +5,6 @@ GPU-only paths (nccl, SyncBatchNorm) cannot run here: the same code runs them wi
 what is checked on CPU is the clear error for sync_bn without CUDA (torch's SyncBatchNorm is GPU only)."""
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -17,15 +16,16 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import ROOT, compose_train
 from retinanet.checkpoint import load_checkpoint
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.data.samplers import EpochBatchSampler
 from retinanet.data.transforms import build_transforms
 from retinanet.distributed import parameter_digest
-from retinanet.engine import StepContext, train_one_epoch
+from retinanet.engine import TrainStep, train_one_epoch
 from retinanet.errors import ConfigError
-from retinanet.trainer import build_optimizer, run
+from retinanet.trainer import run
+
+from conftest import ROOT, compose_train
 from test_resume import TIMEOUT, make_micro_shapes, micro_overrides
 
 # measured on this machine: the loss of every step within 1.5e-7 relative, every weight within 7.8e-7
@@ -52,6 +52,7 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(micro, tmp_path):
     # group norm: the result does not depend on how the batch is split (batch norm statistics would).
     # loss=focal: the tolerances below were measured with it. Under the CPU preset's focal_cpu the losses
@@ -77,8 +78,8 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(mic
     ddp = run_dirs[0]
     assert (ddp / ".hydra").is_dir() and (ddp / "last.pt").is_file() and (ddp / "metrics.json").is_file()
     log = (ddp / "train.log").read_text()
-    assert "8 steps of 4 images (2 per process x 2 process(es) x 1 accumulated)" in log
-    assert log.count("epoch 1/2: loss") == 1  # text logs from rank 0 only
+    assert "batches of 4 images (2 per process x 2 process(es) x 1 accumulated)" in log
+    assert log.count("epoch 1: loss") == 1  # text logs from rank 0 only
 
     ckpt, ref = load_checkpoint(ddp / "last.pt"), load_checkpoint(single / "last.pt")
     # both ranks ended with bit-identical weights: rank 1's digest was gathered into rank 0's checkpoint
@@ -116,9 +117,11 @@ def test_ranks_share_one_global_order_and_equal_batch_counts():
     assert len(odd[0]) == len(odd[1]) == 2  # padded shares: no rank waits for a step the other never takes
 
 
-def test_gradient_accumulation_equals_the_big_batch(micro):
-    # per-image loss normalisation and group norm: 2 micro-batches of 2 are exactly one batch of 4
-    cfg = compose_train(micro_overrides(micro) + ["model.net.norm=gn", "loss.normalization=torchvision"])
+@pytest.mark.parametrize("normalization", ["batch", "torchvision"])
+def test_gradient_accumulation_equals_the_big_batch(micro, normalization):
+    # group norm: 2 micro-batches of 2 are exactly one batch of 4, whether the loss is divided by the positives
+    # of the whole batch (the default: those of both micro-batches) or per image (torchvision's)
+    cfg = compose_train(micro_overrides(micro) + ["model.net.norm=gn", f"loss.normalization={normalization}"])
     dataset = build_dataset(cfg.data, "train", train=True)
     anchors = instantiate(cfg.model.anchors)
 
@@ -130,9 +133,9 @@ def test_gradient_accumulation_equals_the_big_batch(micro):
         loader.batch_sampler.set_epoch(1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        ctx = StepContext(criterion=instantiate(cfg.loss, num_classes=6), anchors=anchors,
-                          device=torch.device("cpu"), progress=False, accumulate=accumulate)
-        stats = train_one_epoch(model, loader, optimizer, scheduler, ctx, epoch=1, step=0)
+        step = TrainStep(model, instantiate(cfg.loss, num_classes=6), anchors, optimizer, scheduler,
+                         torch.device("cpu"))
+        stats = train_one_epoch(step, loader, epoch=1, step=0, accumulate=accumulate, show_progress=False)
         assert stats["step"] == 16 // (batch_size * accumulate)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -145,16 +148,6 @@ def test_gradient_accumulation_equals_the_big_batch(micro):
     for key, value in big.items():
         torch.testing.assert_close(accumulated[key], value, atol=1e-5, rtol=1e-4, msg=key)
     assert any(not torch.allclose(small[k], big[k], atol=1e-5) for k in big)  # 8 small steps are not that
-
-
-def test_linear_learning_rate_scaling_is_stated(micro, caplog):
-    model = torch.nn.Linear(2, 2)
-    with caplog.at_level(logging.INFO):
-        scaled = build_optimizer(compose_train(["optim.reference_batch_size=16", "optim.lr=0.01"]), model, 64)
-    assert scaled.param_groups[0]["lr"] == pytest.approx(0.04)
-    assert "optim.lr 0.01 x global batch 64 / optim.reference_batch_size 16" in caplog.text
-    as_given = build_optimizer(compose_train(["optim.lr=0.01"]), model, 64)
-    assert as_given.param_groups[0]["lr"] == 0.01
 
 
 def test_aspect_ratio_grouping_keeps_batches_homogeneous():
@@ -191,7 +184,6 @@ def test_multiscale_training_draws_the_shorter_side_from_the_list(micro):
     ("data.min_size=[]", "data.min_size=[] must be a positive integer or a non-empty list"),
     ("data.min_size=[64,0]", "data.min_size=[64, 0] must be a positive integer"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be >= 1"),
-    ("optim.reference_batch_size=0", "optim.reference_batch_size=0 must be >= 1"),
     ("trainer.sync_bn=maybe", "trainer.sync_bn='maybe' must be true or false"),
 ])
 def test_bad_scaling_settings_are_named(micro, override, message):
@@ -201,6 +193,7 @@ def test_bad_scaling_settings_are_named(micro, override, message):
         validate_train_config(compose_train(micro_overrides(micro) + [override]))
 
 
+@pytest.mark.slow
 def test_impossible_settings_are_clear_errors(micro, tmp_path):
     with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches=8 is more than the 4 batches"):
         run(compose_train(micro_overrides(micro) + ["trainer.accumulate_grad_batches=8"]), tmp_path)

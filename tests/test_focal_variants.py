@@ -3,21 +3,19 @@ label smoothing), end to end through Hydra, against a float64 formula; and the F
 
 import importlib.util
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 
-from conftest import ROOT, compose_train
 from retinanet.anchors import AnchorGenerator
+from retinanet.config import build as build_node
 from retinanet.config import validate_train_config
 from retinanet.errors import ConfigError
 from retinanet.losses import alpha_from_counts
 from retinanet.matcher import IGNORE, Matcher
-from retinanet.trainer import alpha_override
+
+from conftest import ROOT, compose_train
 
 K = 3
 
@@ -54,12 +52,12 @@ def reference_cls_loss(logits, anchors, gt_boxes, gt_labels, alpha, gamma, eps=0
 
 
 def build(overrides, train_counts=None):
-    """The loss as ``scripts/train.py`` builds it (validated config, ``alpha=auto`` resolved from counts),
-    from ``loss=focal``: the paper's defaults and ``Matcher()``'s thresholds, as ``reference_cls_loss`` uses."""
+    """The loss as ``scripts/train.py`` builds it (validated config, the training set's class counts for
+    ``alpha=auto``), from ``loss=focal``: the paper's defaults and ``Matcher()``'s thresholds, as
+    ``reference_cls_loss`` uses."""
     cfg = compose_train(["loss=focal", *overrides])
     validate_train_config(cfg)
-    dataset = SimpleNamespace(class_counts=lambda: train_counts)
-    return instantiate(cfg.loss, num_classes=K, **alpha_override(cfg, dataset))
+    return build_node(cfg.loss, num_classes=K, class_counts=train_counts)
 
 
 @pytest.mark.parametrize("overrides, alpha, gamma, eps", [
@@ -134,21 +132,48 @@ def test_alpha_auto_from_training_set_counts():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("loss.alpha=automatic", "loss.alpha='automatic' must be null, 'auto', a number"),
-    ("loss.alpha=[0.5,2.0,0.1]", "loss.alpha=[0.5, 2.0, 0.1] must be null, 'auto'"),
-    ("loss.gamma=-1", "loss.gamma=-1 must be >= 0"),
-    ("loss.label_smoothing=2", "loss.label_smoothing=2 must be <= 1"),
+    ("loss.alpha=automatic", "loss: alpha='automatic' must be a number in [0, 1], null, auto"),
+    ("loss.alpha=[0.5,2.0,0.1]", "loss: alpha=[0.5, 2.0, 0.1] must hold numbers in [0, 1]"),
+    ("loss.gamma=-1", "loss: gamma=-1 must be a number >= 0"),
+    ("loss.label_smoothing=2", "loss: label_smoothing=2 must be a number in [0, 1)"),
 ])
 def test_bad_options_name_key_and_value(override, message):
     with pytest.raises(ConfigError) as err:
-        validate_train_config(compose_train([override]))
+        build([override], train_counts=[1, 1, 1])
     assert message in str(err.value)
 
 
 def test_wrong_length_per_class_alpha_is_refused():
     expected = r"shape \(2,\), expected \(3,\) = one value per class"
-    with pytest.raises((ValueError, InstantiationException), match=expected):
+    with pytest.raises(ConfigError, match=expected):
         build(["loss.alpha=[0.5,0.5]"])
+
+
+def test_the_trainer_puts_the_loss_and_its_per_class_alpha_on_the_models_device(tiny_shapes, tmp_path):
+    # a per-class alpha is a buffer of the loss; composed for the (data-less) meta device, every tensor of the run
+    # must land there: a CPU buffer left behind is what crashed loss.alpha=auto on CUDA
+    from omegaconf import OmegaConf
+
+    from retinanet.trainer import compose
+
+    from conftest import tiny_train_overrides
+
+    cfg = compose_train(tiny_train_overrides(tiny_shapes) + ["loss.alpha=auto", "trainer.ema.decay=0.9"])
+    parts = compose(cfg, OmegaConf.to_container(cfg, resolve=True), tmp_path, torch.device("meta"))
+    assert parts.criterion.class_alpha is not None
+    for module in (parts.model, parts.criterion, parts.ema.module):
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            assert tensor.device.type == "meta", name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_per_class_alpha_loss_runs_on_cuda():
+    loss = build(["loss.alpha=auto"], train_counts=[10, 20, 30]).to("cuda")
+    logits, deltas, anchors, gt_boxes, gt_labels = (t.cuda() for t in scene())
+    logits.requires_grad_()
+    out = loss(logits, deltas, anchors, gt_boxes, gt_labels)
+    out["loss"].backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_every_focal_option_has_a_one_line_comment():

@@ -9,15 +9,16 @@ from hydra.utils import instantiate
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights, retinanet_resnet50_fpn
 
 import retinanet.trainer as trainer
-from conftest import compose_train, tiny_train_overrides
 from retinanet.checkpoint import atomic_save
 from retinanet.config import validate_train_config
+from retinanet.detector import Detector
 from retinanet.errors import UserError
-from retinanet.convert import coco_label_map, convert_torchvision_state_dict
-from retinanet.convert import main as convert_main
-from retinanet.inference import load_detector
 from retinanet.model import RetinaNet
 from retinanet.model.init import CLASS_PREDICTOR, init_from
+from retinanet.torchvision_weights import coco_label_map, convert_torchvision_state_dict
+from retinanet.torchvision_weights import main as convert_main
+
+from conftest import compose_train, tiny_train_overrides
 
 PRIOR_LOGIT = -math.log(0.99 / 0.01)
 
@@ -72,11 +73,11 @@ def test_torchvision_checkpoint_into_another_class_count(tv_checkpoint, caplog):
 
 
 def test_convert_cli_writes_a_checkpoint_evaluate_can_load(tv_checkpoint, tmp_path):
-    """``python -m retinanet.convert``: 91 outputs -> the 80 COCO categories, loadable by scripts/evaluate.py."""
+    """``python -m retinanet.torchvision_weights``: 91 outputs -> the 80 COCO categories, loadable by scripts/evaluate.py."""
     path, tv_state = tv_checkpoint
     out = tmp_path / "tv_v1_coco.pt"
     convert_main([str(path), str(out)])
-    detector = load_detector(out)  # what scripts/evaluate.py does: rebuild from the checkpoint's own config
+    detector = Detector.from_checkpoint(out, "cpu")  # what scripts/evaluate.py does: rebuild from the checkpoint's own config
     assert detector.category_ids == coco_label_map()["category_ids"] and len(detector.category_ids) == 80
     assert detector.class_names[:3] == ["person", "bicycle", "car"] and detector.class_names[-1] == "toothbrush"
     assert (detector.min_size, detector.max_size, detector.size_divisible) == (800, 1333, 32)

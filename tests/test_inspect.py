@@ -15,19 +15,20 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import CONFIGS, ROOT
-from retinanet.anchors import AnchorGenerator
+from retinanet.anchors import AnchorGenerator, feature_shapes
 from retinanet.data import CocoDetection
-from retinanet.inspect import anchor_coverage, dataset_statistics, feature_shapes, format_report, suggested_alpha
+from retinanet.inspect import anchor_coverage, dataset_statistics, format_report, suggested_alpha
 from retinanet.losses import alpha_from_counts
 from retinanet.matcher import Matcher
 from retinanet.model import RetinaNet
+
+from conftest import CONFIGS, ROOT
 
 
 def test_feature_shapes_match_the_model():
     model = RetinaNet(num_classes=2, backbone="resnet18", weights=None, norm="bn", frozen_stages=0, fpn_channels=8,
                       head_width=8, head_depth=1).eval()
-    for hw in [(64, 96), (100, 70)]:  # a padded size and an odd one
+    for hw in [(64, 96), (100, 70), (320, 256), (33, 129)]:  # padded sizes and odd ones
         with torch.no_grad():
             out = model(torch.zeros(1, 3, *hw, dtype=torch.uint8))
         assert feature_shapes(hw) == out.feature_shapes, hw

@@ -203,7 +203,7 @@ def test_batch_normalisation_equals_dense_formula_with_empty_image_and_crowd():
     assert torch.isfinite(cls_logits.grad).all() and (box_deltas.grad[1] == 0).all()
 
 
-def test_image_without_boxes_adds_no_box_loss_and_reducer_is_used():
+def test_image_without_boxes_adds_no_box_loss_and_a_given_normalizer_is_used():
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = scene()
     loss = RetinaNetLoss(K)
     full = loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
@@ -212,8 +212,11 @@ def test_image_without_boxes_adds_no_box_loss_and_reducer_is_used():
     assert torch.isfinite(full["loss"]) and full["num_pos"] == without["num_pos"]
     torch.testing.assert_close(full["loss_box"], without["loss_box"])
     assert full["loss_cls"] > without["loss_cls"]  # the empty image's negatives still count
-    loss.num_pos_reducer = lambda n: n * 4  # e.g. an all-reduce sum over 4 ranks
-    torch.testing.assert_close(loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)["loss"], full["loss"] / 4)
+    # the positives of a larger batch (every micro-batch of a step, every rank), matched beforehand
+    targets = loss.assign(anchors, gt_boxes, gt_labels)
+    larger = loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, targets=targets,
+                  normalizer=full["num_pos"] * 4)
+    torch.testing.assert_close(larger["loss"], full["loss"] / 4)
     no_gt = loss(cls_logits, box_deltas, anchors, torch.zeros(3, 0, 4), torch.zeros(3, 0, dtype=torch.long))
     assert no_gt["num_pos"] == 0 and no_gt["loss_box"] == 0 and torch.isfinite(no_gt["loss_cls"])
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_train
 from retinanet.data.build import build_dataset, build_loader
-from retinanet.engine import NonFiniteLossError, StepContext, train_one_epoch
+from retinanet.engine import NonFiniteLossError, TrainStep, train_one_epoch
 from retinanet.errors import UserError
+
+from conftest import compose_train
 from test_resume import make_micro_shapes, micro_overrides
 
 
@@ -41,12 +42,19 @@ def setup(micro: Path, tmp_path: Path, max_bad_steps: int = 0):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     states = [{k: v.clone() for k, v in model.state_dict().items()}]  # before step 1, after step 1, ...
-    ctx = StepContext(criterion=instantiate(cfg.loss, num_classes=6), anchors=anchors, device=torch.device("cpu"),
-                      progress=False, max_bad_steps=max_bad_steps, bad_batch_dir=tmp_path,
-                      after_step=lambda step, progress: states.append(
-                          {k: v.clone() for k, v in model.state_dict().items()}))
+    train_step = TrainStep(model, instantiate(cfg.loss, num_classes=6), anchors, optimizer, scheduler,
+                           torch.device("cpu"), max_bad_steps=max_bad_steps, bad_batch_dir=tmp_path)
+
+    def on_step(result, progress):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return False
+
     batch_ids = [[int(dataset.image_ids[i]) for i in b] for b in loader.batch_sampler.epoch_batches()]
-    return model, (loader, optimizer, scheduler, ctx), states, batch_ids
+    return model, (train_step, loader, on_step), states, batch_ids
+
+
+def epoch(train_step, loader, on_step) -> dict:
+    return train_one_epoch(train_step, loader, epoch=1, step=0, on_step=on_step, show_progress=False)
 
 
 def poison_forward(model, bad_calls: set[int]) -> None:
@@ -73,10 +81,10 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_nonfinite_loss_stops_naming_step_terms_and_images_and_saves_the_batch(micro, tmp_path):
-    model, (loader, optimizer, scheduler, ctx), states, batch_ids = setup(micro, tmp_path)
+    model, pieces, states, batch_ids = setup(micro, tmp_path)
     poison_forward(model, {2})
     with pytest.raises(NonFiniteLossError) as err:
-        train_one_epoch(model, loader, optimizer, scheduler, ctx, epoch=1, step=0)
+        epoch(*pieces)
     message = str(err.value)
     assert "non-finite loss at step 2 (epoch 1)" in message
     assert "loss=nan, loss_cls=nan" in message and "loss_box=" in message
@@ -93,13 +101,13 @@ def test_nonfinite_loss_stops_naming_step_terms_and_images_and_saves_the_batch(m
 
 
 def test_max_bad_steps_skips_counts_and_logs_then_stops(micro, tmp_path, caplog):
-    model, (loader, optimizer, scheduler, ctx), states, batch_ids = setup(micro, tmp_path, max_bad_steps=2)
+    model, pieces, states, batch_ids = setup(micro, tmp_path, max_bad_steps=2)
     poison_gradients(model, {2, 3})
     with caplog.at_level(logging.WARNING):
-        stats = train_one_epoch(model, loader, optimizer, scheduler, ctx, epoch=1, step=0)
-    assert stats["step"] == 4 and ctx.bad_steps == 2
+        stats = epoch(*pieces)
+    assert stats["step"] == 4 and stats["bad_steps"] == 2
     assert torch.isfinite(torch.tensor(stats["loss"]))
-    assert f"non-finite gradients at step 2 (epoch 1)" in caplog.text and str(batch_ids[1]) in caplog.text
+    assert "non-finite gradients at step 2 (epoch 1)" in caplog.text and str(batch_ids[1]) in caplog.text
     assert "Skipped that step (1 of trainer.max_bad_steps=2)" in caplog.text
     assert "Skipped that step (2 of trainer.max_bad_steps=2)" in caplog.text
     # skipped steps leave weights and batch-norm statistics as they were; the good ones train
@@ -108,11 +116,10 @@ def test_max_bad_steps_skips_counts_and_logs_then_stops(micro, tmp_path, caplog)
     assert any("running_mean" in k for k in states[1])
     assert not list(tmp_path.glob("nonfinite_*.pt"))  # skipped steps save nothing
 
-    model, (loader, optimizer, scheduler, ctx), states, batch_ids = setup(micro, tmp_path, max_bad_steps=1)
+    model, pieces, states, batch_ids = setup(micro, tmp_path, max_bad_steps=1)
     poison_gradients(model, {2, 3})
     with pytest.raises(NonFiniteLossError, match=r"non-finite gradients at step 3 .*\(now 1\)"):
-        train_one_epoch(model, loader, optimizer, scheduler, ctx, epoch=1, step=0)
-    assert ctx.bad_steps == 2
+        epoch(*pieces)
     assert torch.load(tmp_path / "nonfinite_step0000003.pt", weights_only=True)["batches"][0]["image_ids"].tolist() \
         == batch_ids[2]
 

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, compose_train
-from retinanet import checkpoint
-from retinanet.checkpoint import PAUSE_ENV, atomic_save, load_checkpoint, rng_state, set_rng_state
+from retinanet.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.data.samplers import EpochBatchSampler, SeededSamples, sample_seed
 from retinanet.resume import StopSignal
 from retinanet.trainer import run
+
+import pause_write
+from conftest import ROOT, compose_train
 
 TIMEOUT = 300  # seconds for one training subprocess on a busy 2-core machine (they take ~15 s alone)
 
@@ -42,7 +43,7 @@ def micro_overrides(root: Path, epochs: int = 2) -> list[str]:
         "data.eval_min_size=null", "data.eval_max_size=null",
         f"trainer.epochs={epochs}", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.num_workers=0",
         "trainer.progress=false", "trainer.log_every=1", "trainer.threads=1", "model.net.fpn_channels=16",
-        "model.net.head_width=16", "model.net.head_depth=1", "schedule.warmup_steps=2",
+        "model.net.head_width=16", "model.net.head_depth=1", "schedule.warmup=0.2",
         # every augmentation on (the shapes preset keeps only the flip): resumes must replay all of them
         "data.augment.scale_range=[0.8,1.2]", "data.augment.translate=0.1", "data.augment.color_jitter=0.2",
     ]
@@ -53,10 +54,17 @@ def micro(tmp_path_factory) -> Path:
     return make_micro_shapes(tmp_path_factory.mktemp("micro") / "shapes")
 
 
-def start_training(overrides: list[str], run_dir: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
-    full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})}
-    return subprocess.Popen(cmd, cwd=run_dir.parent, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+def start_training(overrides: list[str], run_dir: Path, log: Path, pause: str | None = None,
+                   new_session: bool = False) -> subprocess.Popen:
+    """``scripts/train.py`` in a subprocess; ``pause="last.pt:3"`` pauses its 3rd write of last.pt half-way
+    (tests/pause_write.py); ``new_session``: its own process group, as under a supervisor."""
+    script = [str(ROOT / "scripts" / "train.py")]
+    if pause:
+        script = [str(ROOT / "tests" / "pause_write.py"), pause, *script]
+    cmd = [sys.executable, *script, *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=new_session)
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path) -> None:
@@ -170,13 +178,14 @@ def uninterrupted(micro, tmp_path_factory) -> tuple[list[str], dict]:
     return overrides, ckpt
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path):
     overrides, reference = uninterrupted
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     run_dir.mkdir()
     # a training subprocess pauses inside its 3rd write of last.pt (after step 3 of the 4 of epoch 1) with
     # part of the file on disk, and is killed there with SIGKILL
-    proc = start_training(overrides, run_dir, log, {PAUSE_ENV: "last.pt:3"})
+    proc = start_training(overrides, run_dir, log, pause="last.pt:3")
     marker = run_dir / "last.pt.paused"
     wait_for(marker.exists, proc, log)
     partial = list(run_dir.glob(".last.pt.*.tmp"))
@@ -184,7 +193,7 @@ def test_sigkill_during_checkpoint_write_mid_epoch_then_resume_is_bit_identical(
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     marker.unlink()
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(partial[0])  # what was being written is garbage ...
     previous = load_checkpoint(run_dir / "last.pt")  # ... and the previous last.pt is intact
     assert (previous["epoch"], previous["step"], previous["epoch_complete"]) == (1, 2, False)
@@ -195,14 +204,14 @@ def test_sigkill_during_checkpoint_write_mid_epoch_then_resume_is_bit_identical(
     assert_same_training_state(load_checkpoint(run_dir / "last.pt"), reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_is_bit_identical(uninterrupted, tmp_path, monkeypatch,
                                                                             caplog):
     overrides, reference = uninterrupted
     overrides = overrides + ["trainer.checkpoint_every_steps=2"]  # periodic saves at even steps only
     run_dir = tmp_path / "run"
     # hold the run inside its step-2 save, deliver SIGTERM to this process there, then let it go on
-    monkeypatch.setenv(PAUSE_ENV, "last.pt:1")
-    monkeypatch.setattr(checkpoint, "_writes", {})
+    pause_write.install("last.pt", 1)
     marker = run_dir / "last.pt.paused"
 
     def terminate_when_paused():
@@ -216,8 +225,11 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_is_bit_identical(uninte
     before = signal.getsignal(signal.SIGTERM)
     helper = threading.Thread(target=terminate_when_paused, daemon=True)
     helper.start()
-    with pytest.raises(SystemExit) as stopped:
-        run(compose_train(overrides), run_dir)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run(compose_train(overrides), run_dir)
+    finally:
+        pause_write.uninstall()
     helper.join()
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone with the run
@@ -226,11 +238,55 @@ def test_sigterm_saves_a_checkpoint_mid_epoch_and_resume_is_bit_identical(uninte
     assert (saved["epoch"], saved["step"], saved["epoch_complete"]) == (1, 3, False)
     assert "SIGTERM received" in caplog.text and "stopped by a signal at step 3" in caplog.text
 
-    monkeypatch.delenv(PAUSE_ENV)
     new_dir = tmp_path / "continued"  # continue in a new run dir, from an explicit path
     run(compose_train(overrides + [f"trainer.resume={run_dir / 'last.pt'}"]), new_dir)
     assert_same_training_state(load_checkpoint(new_dir / "last.pt"), reference)
     assert json.loads((new_dir / "metrics.json").read_text())["resumed_from"] == str(run_dir / "last.pt")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_a_loader_worker_saves_and_resumes_exactly(uninterrupted, tmp_path):
+    # what docker stop, Kubernetes, SLURM and systemd do: SIGTERM to every process of the group, the DataLoader
+    # worker included. The worker must leave the stop to the main process, which saves and exits with 143.
+    overrides, reference = uninterrupted
+    overrides = overrides + ["trainer.num_workers=1", "trainer.checkpoint_every_steps=2"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    run_dir.mkdir()
+    proc = start_training(overrides, run_dir, log, pause="last.pt:1", new_session=True)  # paused after step 2
+    marker = run_dir / "last.pt.paused"
+    wait_for(marker.exists, proc, log)
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(1.0)  # the signal reaches every process of the group while the main one is held
+    marker.unlink()
+    assert proc.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("SIGTERM received") == 1, text[-3000:]  # once: the worker ignores it, silently
+    assert "stopped by a signal at step 3" in text and "Traceback" not in text
+    saved = load_checkpoint(run_dir / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["epoch_complete"]) == (1, 3, False)
+    run(compose_train(overrides + ["trainer.resume=auto"]), run_dir)
+    assert_same_training_state(load_checkpoint(run_dir / "last.pt"), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", [b"garbage bytes" * 50, "truncated", "pickled code"])
+def test_a_bad_resume_file_is_one_line_and_exit_code_2(micro, tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    if content == "truncated":
+        atomic_save({"model": {"w": torch.zeros(1000)}}, bad)
+        bad.write_bytes(bad.read_bytes()[:300])
+    elif content == "pickled code":
+        torch.save({"model": {}, "hook": os.system}, bad)  # a function: refused by weights_only
+    else:
+        bad.write_bytes(content)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *micro_overrides(micro),
+                           f"trainer.resume={bad}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-3000:]
+    assert "Traceback" not in text and f"checkpoint '{bad}' cannot be read" in text
+    assert "weights_only=False" not in text and "weights_only" not in text  # never advise unsafe loading
 
 
 def test_resume_errors_name_the_key(micro, tmp_path):

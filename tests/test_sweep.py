@@ -14,8 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, tiny_train_overrides
 from retinanet.sweep import ap_grid, collect_runs, summarize_sweep, to_markdown, varying_keys
+
+from conftest import ROOT, tiny_train_overrides
 
 
 def summarize_main(argv):
@@ -26,6 +27,7 @@ def summarize_main(argv):
     return module.main(argv)
 
 
+@pytest.mark.slow
 def test_multirun_2x1_gives_two_runs_and_a_summary(tiny_shapes, tmp_path):
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "loss.gamma=0,2", "loss.alpha=0.5",

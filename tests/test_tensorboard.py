@@ -16,12 +16,20 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import compose_train, tiny_train_overrides
 from retinanet.data.build import build_dataset, build_loader
-from retinanet.engine import StepContext, predict
-from retinanet.evaluation import coco_evaluate, ground_truth_as_detections, to_coco_results
-from retinanet.tensorboard import (GT_COLOR, PRED_COLOR, draw_eval_image, hparams_of, log_eval_visuals, log_hparams,
-                                   pr_curve_arrays)
+from retinanet.detector import Detector
+from retinanet.evaluation import coco_evaluate, evaluate, ground_truth_as_detections, to_coco_results
+from retinanet.tensorboard import (
+    GT_COLOR,
+    PRED_COLOR,
+    draw_eval_image,
+    hparams_of,
+    log_eval_visuals,
+    log_hparams,
+    pr_curve_arrays,
+)
+
+from conftest import compose_train, tiny_train_overrides
 
 
 def coco_precision(coco_gt, results, image_ids) -> np.ndarray:
@@ -51,15 +59,13 @@ def tiny_eval(tiny_shapes):
     val_set = build_dataset(cfg.data, "val", train=False)
     loader = build_loader(val_set, 16, False, 0, cfg.data.size_divisible, 0, False)
     torch.manual_seed(0)
-    anchors = instantiate(cfg.model.anchors)
-    model = instantiate(cfg.model.net, num_classes=val_set.num_classes, num_anchors=anchors.num_anchors_per_location)
-    ctx = StepContext(criterion=instantiate(cfg.loss, num_classes=val_set.num_classes), anchors=anchors,
-                      device=torch.device("cpu"), progress=False)
-    detections, image_ids, losses = predict(model, loader, instantiate(cfg.postprocess), ctx)
-    results = to_coco_results(detections, image_ids, val_set.label_to_cat_id)
-    metrics = coco_evaluate(val_set.coco, results, image_ids)
-    metrics["loss"] = losses
-    return cfg, val_set, detections, image_ids, metrics, coco_precision(val_set.coco, results, image_ids)
+    label_map = {"class_names": val_set.class_names, "category_ids": val_set.label_to_cat_id}
+    detector = Detector.from_config(cfg, label_map, "cpu")
+    result = evaluate(detector, loader, val_set, instantiate(cfg.loss, num_classes=val_set.num_classes),
+                      progress=False)
+    results = to_coco_results(result.detections, result.image_ids, val_set.label_to_cat_id)
+    assert np.array_equal(result.precision, coco_precision(val_set.coco, results, result.image_ids))
+    return cfg, val_set, result.detections, result.image_ids, result.metrics, result.precision
 
 
 def test_eval_visuals_and_hparams_are_in_the_event_file(tiny_eval, tmp_path):
@@ -87,8 +93,7 @@ def test_eval_visuals_and_hparams_are_in_the_event_file(tiny_eval, tmp_path):
 
     # PR curves: one per class with ground truth, [6, N] arrays with precision and recall in [0, 1]
     pr_tags = acc.PluginTagToContent("pr_curves")
-    classes_with_gt = {val_set.class_names[val_set.cat_id_to_label[a["category_id"]]]
-                       for a in val_set.coco.dataset["annotations"] if not a.get("iscrowd", 0)}
+    classes_with_gt = {name for name, n in zip(val_set.class_names, val_set.class_counts()) if n}
     assert {t.split("/", 1)[1] for t in pr_tags} == classes_with_gt
     for tag in pr_tags:
         data = tensor_util.make_ndarray(acc.Tensors(tag)[0].tensor_proto)
@@ -177,9 +182,11 @@ def test_hparams_include_command_line_overrides_inside_a_hydra_job():
     assert hp["loss.gamma"] == 3 and hp["loss.alpha"] == "null" and hp["trainer.grad_clip"] == 1.5
     assert hp["model"] == "retinanet_r50" and hp["model.name"] == "retinanet_r50" and hp["sweep"] == "demo"
     assert hp["trainer.epochs"] == 5 and hp["optim.lr"] == cfg.optim.lr  # from the config, not overridden
+    assert hp["schedule.warmup"] == cfg.schedule.warmup and hp["loss._target_"] == "RetinaNetLoss"  # whole groups
     assert not any(k.startswith("hydra") for k in hp)
 
 
+@pytest.mark.slow
 def test_training_run_logs_visuals_pr_curves_and_hparams(tiny_shapes, tmp_path):
     """End to end: a short training run's own event file holds what the detector does at each evaluation."""
     from retinanet.trainer import run

@@ -12,16 +12,21 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import _default_anchorgen
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from conftest import compose_train
 from retinanet.anchors import AnchorGenerator
-from retinanet.convert import (convert_torchvision_state_dict, load_torchvision_weights, select_classes,
-                               torchvision_variant)
 from retinanet.model.head import Subnet
+from retinanet.torchvision_weights import (
+    convert_torchvision_state_dict,
+    load_torchvision_weights,
+    select_classes,
+    torchvision_variant,
+)
+
+from conftest import compose_train
 
 K = 20  # classes (kept small: the class predictor dominates the head's cost)
 HW = (96, 160)  # P6 / P7 are 2 x 3 and 1 x 2: torchvision's strides become 48 x 53 and 96 x 80

@@ -1,16 +1,19 @@
 """End to end: the composed Hydra config trains a few iterations on tiny data, the loss falls,
 and the run dir holds checkpoints, TensorBoard events, metrics and the resolved config."""
 
+import pytest
 import json
 import logging
 
 import torch
 
-from conftest import compose_train, tiny_train_overrides
 from retinanet.checkpoint import load_checkpoint
 from retinanet.trainer import run
 
+from conftest import compose_train, tiny_train_overrides
 
+
+@pytest.mark.slow
 def test_training_reduces_loss_and_writes_outputs(tiny_shapes, tmp_path, caplog):
     cfg = compose_train(tiny_train_overrides(tiny_shapes, out_epochs=4) + ["optim.lr=0.003"])
     with caplog.at_level(logging.INFO, logger="retinanet.trainer"):

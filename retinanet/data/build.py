@@ -11,6 +11,9 @@ several ranks read every ``num_replicas``-th image (padded to equal shares: call
 
 from __future__ import annotations
 
+import atexit
+import signal
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -70,14 +73,45 @@ class SkippingCollate(Collate):
         return super().__call__(kept) if kept else empty_batch(self.size_divisible)
 
 
+_LOADERS: "weakref.WeakSet[ReportingLoader]" = weakref.WeakSet()
+
+
 class ReportingLoader(torch.utils.data.DataLoader):
-    """A DataLoader that asks its dataset to report skipped images when a pass over it ends."""
+    """A DataLoader that asks its dataset to report skipped images when a pass over it ends, and stops its
+    worker processes itself (``shutdown``; at the latest when the interpreter exits)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _LOADERS.add(self)
 
     def __iter__(self):
         yield from super().__iter__()
         report = getattr(self.dataset, "report_skipped", None)
         if report is not None:
             report()
+
+    def shutdown(self) -> None:
+        """Stop the (persistent) worker processes: asked to finish through their queue, as torch does at the end
+        of an iterator. Workers ignore SIGTERM (``leave_signals_to_the_main_process``), so the SIGTERM that
+        multiprocessing sends to daemonic children at exit would not stop them."""
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+
+
+@atexit.register  # registered after multiprocessing's exit hook, so it runs before it
+def _shutdown_loaders() -> None:
+    for loader in list(_LOADERS):
+        loader.shutdown()
+
+
+def leave_signals_to_the_main_process(worker_id: int = 0) -> None:
+    """DataLoader worker init: ignore SIGTERM and SIGINT. A supervisor (docker stop, Kubernetes, SLURM, systemd)
+    or Ctrl-C signals the whole process group; the main process then finishes its step, saves and exits, and
+    stops its workers itself. A worker killed first would make the main process fail without saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, size_divisible: int,
@@ -90,7 +124,8 @@ def build_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, size
     """
     generator = torch.Generator().manual_seed(seed)  # worker seeds: keeps the global RNG untouched
     common = dict(num_workers=num_workers, collate_fn=SkippingCollate(size_divisible), generator=generator,
-                  pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                  pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                  worker_init_fn=leave_signals_to_the_main_process if num_workers > 0 else None)
     if shuffle:
         batches = EpochBatchSampler(len(dataset), batch_size, seed, num_replicas, rank,
                                     aspect_groups(dataset) if aspect_grouping else None, batches_multiple_of)

@@ -130,20 +130,23 @@ def _shaped_records(key: str, records: list, problems: Problems) -> list[dict]:
 
 
 def _unique(key: str, records: list[dict], problems: Problems, drop_all: bool) -> list[dict]:
-    """Records with a unique id; a repeated id drops the later records (or all of them: ``drop_all``)."""
-    seen, dup = set(), set()
+    """Records with a unique id; a repeated id drops the later records (or all of them: ``drop_all``).
+    Every dropped record is reported (counted) once."""
+    where: dict = {}
     for rec in records:
-        if rec["id"] in seen:
-            dup.add(rec["id"])
-            problems(f"{key} with a duplicate id", f"{key}[{rec['_index']}] has a duplicate id {rec['id']} "
-                                                   f"(ids must be unique in '{key}')")
-        seen.add(rec["id"])
-    if not dup:
+        where.setdefault(rec["id"], []).append(rec["_index"])
+    if all(len(v) == 1 for v in where.values()):
         return records
-    first = {}
+    kept = []
     for rec in records:
-        first.setdefault(rec["id"], rec["_index"])
-    return [r for r in records if r["id"] not in dup or (not drop_all and first[r["id"]] == r["_index"])]
+        indices = where[rec["id"]]
+        if len(indices) > 1 and (drop_all or rec["_index"] != indices[0]):
+            what = f"{key}{indices} share the id {rec['id']}" if drop_all else \
+                f"{key}[{rec['_index']}] has a duplicate id {rec['id']} (first: {key}[{indices[0]}])"
+            problems(f"{key} with a duplicate id", f"{what} (ids must be unique in '{key}')")
+        else:
+            kept.append(rec)
+    return kept
 
 
 def _image_problem(img: dict) -> tuple[str, str] | None:
@@ -257,14 +260,6 @@ class CocoDetection(torch.utils.data.Dataset):
         data = self._drop_missing_files(data, problems)
         problems.warn()
         self.skipped = dict(problems.counts)
-        for ann in data["annotations"]:  # pycocotools' COCOeval needs both
-            ann.setdefault("iscrowd", 0)
-            ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco.createIndex()
-
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.label_to_cat_id = [c["id"] for c in cats]
         self.cat_id_to_label = {c: i for i, c in enumerate(self.label_to_cat_id)}
@@ -273,7 +268,12 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_ids = [img["id"] for img in images]
         self._file_names = [img["file_name"] for img in images]
         self._sizes = np.array([[img["height"], img["width"]] for img in images], dtype=np.int64).reshape(-1, 2)
-        self._index_boxes(data["annotations"])
+        kept = self._index_boxes(data["annotations"])
+        # COCOeval's ground truth is what was validated: dropped boxes are gone, clipped ones clipped
+        self.coco = COCO()
+        self.coco.dataset = {**data, "annotations": kept}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
         self._exif_warned = False
         # one flag per image, in shared memory so that DataLoader workers' skips are seen here
         self._failed = torch.zeros(len(images), dtype=torch.uint8).share_memory_() if on_error == "skip" else None
@@ -304,14 +304,17 @@ class CocoDetection(torch.utils.data.Dataset):
                          f"annotation id {a['id']} belongs to image id {a['image_id']}")
         return {**data, "images": [img for img in data["images"] if img["id"] not in gone], "annotations": anns}
 
-    def _index_boxes(self, anns: list) -> None:
-        """Per-image boxes as flat arrays sorted by image, with offsets (cheap to share with workers)."""
+    def _index_boxes(self, anns: list) -> list[dict]:
+        """Per-image boxes as flat arrays sorted by image, with offsets (cheap to share with workers).
+
+        Returns the annotation records that were kept, with their bbox as cleaned (clipped to the image)
+        and ``iscrowd`` / ``area`` filled in where absent: the ground truth COCOeval and the pictures use."""
         row = {img_id: i for i, img_id in enumerate(self.image_ids)}
         img_idx = np.array([row[a["image_id"]] for a in anns], dtype=np.int64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         boxes, keep, counts = clean_boxes(xywh, self._sizes[img_idx][:, ::-1].astype(np.float64))
         labels = np.array([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
-        crowd = np.array([bool(a["iscrowd"]) for a in anns], dtype=bool)
+        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
         dropped = len(anns) - int(keep.sum())
         if dropped or counts["clipped"]:
             reasons = ", ".join(f"{n} {r}" for r, n in counts.items() if n and r != "clipped")
@@ -325,6 +328,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self._labels, self._crowd = labels[keep][order], crowd[keep][order]
         per_image = np.bincount(img_idx[keep], minlength=len(self.image_ids))
         self._offsets = np.concatenate([[0], np.cumsum(per_image)])
+        kept = []
+        for ann, box in zip((a for a, k in zip(anns, keep) if k), boxes[keep].astype(np.float64).tolist()):
+            bbox = [box[0], box[1], box[2] - box[0], box[3] - box[1]]  # xyxy -> xywh
+            area = ann.get("area") if bbox == [float(v) for v in ann["bbox"]] else None  # a clipped box: its own area
+            kept.append({**ann, "bbox": bbox, "iscrowd": int(ann.get("iscrowd", 0)),
+                         "area": float(area) if area is not None else bbox[2] * bbox[3]})
+        return kept
 
     def class_counts(self) -> np.ndarray:
         """Non-crowd boxes per label [K] (after dropping degenerate boxes)."""

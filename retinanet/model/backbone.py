@@ -35,7 +35,7 @@ def _norm_layer(norm: str, gn_groups: int = 32):
         return nn.BatchNorm2d
     if norm == "gn":
         return lambda channels: nn.GroupNorm(min(gn_groups, channels), channels)
-    raise ValueError(f"model.backbone.norm={norm!r} is not one of {NORMS}")
+    raise ValueError(f"norm={norm!r} is not one of {list(NORMS)}")
 
 
 def load_backbone_weights(weights: str) -> dict[str, torch.Tensor]:
@@ -51,10 +51,10 @@ def load_backbone_weights(weights: str) -> dict[str, torch.Tensor]:
         try:
             enum = models.get_weight(weights)
         except (ValueError, KeyError, AttributeError) as err:
-            raise ValueError(f"model.backbone.weights={weights!r}: unknown torchvision weights enum") from err
+            raise ValueError(f"weights={weights!r}: unknown torchvision weights enum") from err
         return enum.get_state_dict(progress=True)
     raise FileNotFoundError(
-        f"model.backbone.weights={weights!r}: no such file, and not a torchvision weights name "
+        f"weights={weights!r}: no such file, and not a torchvision weights name "
         "like 'ResNet50_Weights.IMAGENET1K_V1'"
     )
 
@@ -74,9 +74,9 @@ class ResNetBackbone(nn.Module):
                  frozen_stages: int = 2, gn_groups: int = 32):
         super().__init__()
         if depth not in RESNETS:
-            raise ValueError(f"model.backbone.depth={depth!r} is not one of {sorted(RESNETS)}")
-        if not 0 <= frozen_stages <= 5:
-            raise ValueError(f"model.backbone.frozen_stages={frozen_stages} must be within 0..5")
+            raise ValueError(f"backbone={depth!r} is not one of {sorted(RESNETS)}")
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= 5:
+            raise ValueError(f"frozen_stages={frozen_stages!r} must be an integer within 0..5")
         ctor, self.out_channels = RESNETS[depth]
         # from scratch, start each residual block as identity (zero-init last BN scale): faster early training
         net = ctor(weights=None, norm_layer=_norm_layer(norm, gn_groups), zero_init_residual=not weights and norm != "frozen_bn")

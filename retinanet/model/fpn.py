@@ -28,7 +28,7 @@ class FPN(nn.Module):
                  extra_levels: int = 2):
         super().__init__()
         if p6_from not in ("c5", "p5"):
-            raise ValueError(f"model.fpn.p6_from={p6_from!r} must be 'c5' or 'p5'")
+            raise ValueError(f"p6_from={p6_from!r} must be 'c5' or 'p5'")
         self.p6_from = p6_from
         self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
         self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)

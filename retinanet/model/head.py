@@ -20,7 +20,7 @@ class Subnet(nn.Module):
                  depth: int = 4, norm: str = "none", gn_groups: int = 32, prior_bias: float = 0.0):
         super().__init__()
         if norm not in HEAD_NORMS:
-            raise ValueError(f"model.head.norm={norm!r} is not one of {HEAD_NORMS}")
+            raise ValueError(f"head_norm={norm!r} is not one of {list(HEAD_NORMS)}")
         layers: list[nn.Module] = []
         for i in range(depth):
             conv = nn.Conv2d(in_channels if i == 0 else width, width, 3, padding=1, bias=norm == "none")
@@ -51,7 +51,7 @@ class Subnet(nn.Module):
 def prior_logit(prior: float) -> float:
     """Bias that makes every anchor start at probability ``prior`` (paper: 0.01)."""
     if not 0.0 < prior < 1.0:
-        raise ValueError(f"model.head.prior_prob={prior} must be in (0, 1)")
+        raise ValueError(f"prior_prob={prior} must be in (0, 1)")
     return -math.log((1.0 - prior) / prior)
 
 

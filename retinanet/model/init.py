@@ -22,10 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from retinanet.convert import (convert_torchvision_state_dict, is_torchvision_state_dict, load_torchvision_state_dict,
-                               torchvision_variant)
 from retinanet.errors import UserError
 from retinanet.model.head import prior_logit
+from retinanet.torchvision_weights import (
+    convert_torchvision_state_dict,
+    is_torchvision_state_dict,
+    load_torchvision_state_dict,
+    torchvision_variant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,9 @@ def read_state_dict(source: str) -> tuple[dict[str, Tensor], str]:
         except Exception as err:  # noqa: BLE001 - name the file, keep the cause
             raise InitFromError(f"model.init_from={source!r} cannot be read ({type(err).__name__}: {err})") from err
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
+            from retinanet.detector import checkpoint_weights  # our checkpoints: the weights that scored (EMA)
+
+            state = checkpoint_weights(state) if "config" in state else state["model"]
         if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
             raise InitFromError(f"model.init_from={source!r} holds no state dict "
                              "(a dict of tensors, or one under 'model')")

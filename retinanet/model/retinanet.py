@@ -43,12 +43,16 @@ class RetinaNet(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1")
+        for name, value, lo in (("fpn_channels", fpn_channels, 1), ("head_width", head_width, 1),
+                                ("head_depth", head_depth, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
         self.num_classes = num_classes
         self.prior_prob = float(prior_prob)
         self.backbone = ResNetBackbone(backbone, weights, norm, frozen_stages)
         if bn_eps is not None:
             if bn_eps < 0:
-                raise ValueError(f"model.net.bn_eps={bn_eps} must be >= 0")
+                raise ValueError(f"bn_eps={bn_eps} must be >= 0")
             for m in self.backbone.modules():
                 if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
                     m.eps = float(bn_eps)

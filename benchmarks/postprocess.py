@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.models.detection.retinanet import RetinaNet
 
-from retinanet.bench.loss import _NoBackbone
-from retinanet.bench.scene import Scene, make_scene
+from benchmarks.loss import _NoBackbone
+from benchmarks.scene import Scene, make_scene
 from retinanet.postprocess import PostProcessor
 
 SETTINGS = {"score_thresh": 0.05, "topk_candidates": 1000, "nms_thresh": 0.5, "detections_per_img": 100}

@@ -1,11 +1,11 @@
 """Where a train step's time goes, ours vs torchvision: self CPU time by operator family (torch.profiler).
 
-The same models, inputs and optimizers as `make bench` item 3 (retinanet.bench.train). Shows why the
+The same models, inputs and optimizers as `make bench` item 3 (benchmarks.train). Shows why the
 train-step ratio cannot move far from 1 on a CPU: convolutions, identical on both sides, take most of it.
 
 Examples:
-    python scripts/profile_train_step.py                     # both presets
-    python scripts/profile_train_step.py --preset retinanet_r18_cpu --steps 3 --threads 1
+    python benchmarks/profile_train_step.py                     # both presets
+    python benchmarks/profile_train_step.py --preset retinanet_r18_cpu --steps 3 --threads 1
 """
 
 import argparse
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from retinanet.bench import train  # noqa: E402
+from benchmarks import train  # noqa: E402
 
 # operator-name fragments per family, matched in this order (the first match wins)
 FAMILIES = (

@@ -4,9 +4,9 @@ Prints a Markdown table of ratios ours / torchvision (lower is better; items 4-6
 writes everything measured to a JSON file.
 
 Examples:
-    python scripts/bench.py                                   # all cases -> outputs/bench/bench.json
-    python scripts/bench.py --out /tmp/b.json --cases loss postprocess --threads 1
-    python scripts/bench.py --size tiny --no-memory           # seconds: checks the harness only
+    python benchmarks/bench.py                                   # all cases -> outputs/bench/bench.json
+    python benchmarks/bench.py --out /tmp/b.json --cases loss postprocess --threads 1
+    python benchmarks/bench.py --size tiny --no-memory           # seconds: checks the harness only
 """
 
 import argparse
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from retinanet.bench.report import markdown  # noqa: E402
-from retinanet.bench.runner import CASES, SIZES, run  # noqa: E402
+from benchmarks.report import markdown  # noqa: E402
+from benchmarks.runner import CASES, SIZES, run  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
                         "per round, but multi-threaded runs suffer most (try --threads 1)", load, os.cpu_count())
     out = Path(args.out)
     report = run(args.size, out.parent, cases=args.cases, memory=not args.no_memory, data_root=args.data_root)
-    report["command"] = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    report["command"] = " ".join(["python benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str))

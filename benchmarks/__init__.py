@@ -4,5 +4,5 @@ One module per case: ``loss`` (1), ``postprocess`` (2), ``train`` (3, and the co
 ``inference`` and ``endtoend`` (4), ``data`` (5); helpers: ``scene`` (inputs), ``models`` / ``tv``
 (our preset and torchvision's model of the same architecture, same weights), ``timing``
 (interleaved rounds, medians), ``memory`` (peak RSS in a fresh subprocess), ``report`` (the table).
-``runner`` ties them together at a size preset; ``scripts/bench.py`` is the command line.
+``runner`` ties them together at a size preset; ``benchmarks/bench.py`` is the command line.
 """

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.retinanet import RetinaNet
 
-from retinanet.bench.scene import Scene, make_scene
+from benchmarks.scene import Scene, make_scene
 from retinanet.losses import RetinaNetLoss
 
 

@@ -3,8 +3,9 @@
 Built from the parts ``torchvision.models.detection.retinanet_resnet50_fpn`` uses (ResNet trunk,
 ``_resnet_fpn_extractor`` / ``BackboneWithFPN``, ``LastLevelP6P7``, ``RetinaNet``), set as our
 preset says: norm layer (frozen BN is what torchvision uses with pretrained weights), trainable
-stages, FPN width, P6 from C5 or P5, head without norm (v1) or with GroupNorm (v2). Its transform is set to the benchmark size, so it only
-normalises and batches (its resize runs at scale 1). ``same_architecture`` checks parameter counts.
+stages, FPN width, P6 from C5 or P5, head without norm (v1) or with GroupNorm (v2). Its transform is
+set to the benchmark size, so it only normalises and batches (its resize runs at scale 1).
+``same_architecture`` checks parameter counts.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from retinanet.bench.data import REPO, data_config
-from retinanet.bench.models import CONFIGS, preset
+from benchmarks.data import REPO, data_config
+from benchmarks.models import CONFIGS, preset
 
 
 def _infer_module():
@@ -38,7 +38,7 @@ def make_checkpoint(out: Path, root: Path, preset_name: str = "retinanet_r18_cpu
     model_cfg.net.prior_prob = 0.1
     anchors = instantiate(model_cfg.anchors)
     model = instantiate(model_cfg.net, num_classes=val.num_classes, num_anchors=anchors.num_anchors_per_location)
-    post = OmegaConf.load(CONFIGS / "train.yaml").postprocess
+    post = OmegaConf.load(CONFIGS / "postprocess" / "default.yaml")
     config = {"model": OmegaConf.to_container(model_cfg, resolve=True),
               "data": OmegaConf.to_container(data, resolve=True), "postprocess": OmegaConf.to_container(post)}
     label_map = {"class_names": list(val.class_names), "category_ids": [int(c) for c in val.label_to_cat_id]}
@@ -49,7 +49,8 @@ def make_checkpoint(out: Path, root: Path, preset_name: str = "retinanet_r18_cpu
 
 def run(out: Path, root: Path, images: int = 64, batch_size: int = 8, repeats: int = 2) -> dict:
     from retinanet.data.build import build_loader
-    from retinanet.inference import ImageFiles, find_images, load_detector
+    from retinanet.detector import Detector
+    from retinanet.inference import ImageFiles, find_images
 
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "images"
@@ -66,7 +67,7 @@ def run(out: Path, root: Path, images: int = 64, batch_size: int = 8, repeats: i
                            "device": "cpu", "render": False, "progress": False, "batch_size": batch_size})
     cfg.pop("hydra", None)
 
-    detector = load_detector(ckpt, "cpu")
+    detector = Detector.from_checkpoint(ckpt, "cpu")
     paths, _, _ = find_images(str(folder))
     loader = build_loader(ImageFiles(paths, detector.transform()), batch_size, False, 0, detector.size_divisible, 0,
                           False)

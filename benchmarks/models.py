@@ -8,12 +8,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from retinanet.bench.scene import random_boxes
-from retinanet.bench.tv import same_architecture, torchvision_retinanet
-from retinanet.convert import convert_torchvision_state_dict
+from benchmarks.scene import random_boxes
+from benchmarks.tv import same_architecture, torchvision_retinanet
 from retinanet.data.collate import Batch
+from retinanet.torchvision_weights import convert_torchvision_state_dict
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def preset(name: str) -> DictConfig:

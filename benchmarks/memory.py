@@ -1,6 +1,6 @@
 """Peak memory of one contender of one case, measured in a fresh subprocess.
 
-``python -m retinanet.bench.memory <case> <contender> '<params json>'`` builds the case, runs the
+``python -m benchmarks.memory <case> <contender> '<params json>'`` builds the case, runs the
 contender once (warm-up: lazy initialisation, caches), then frees what it can (``gc``, glibc
 ``malloc_trim``), resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``,
 value 5), reads the current RSS as the baseline, runs the contender again and prints the
@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from importlib import import_module
+from pathlib import Path
 
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
@@ -52,8 +53,9 @@ def measure_here(fn) -> dict:
 
 def peak_memory(case: str, contender: str, params: dict, threads: int | None = None, timeout: float = 900) -> dict:
     """Run ``measure_here`` for ``case``'s ``contender`` in a fresh Python process; returns its result."""
-    env = {**os.environ, **ENV}
-    args = [sys.executable, "-m", "retinanet.bench.memory", case, contender, json.dumps(params)]
+    repo = str(Path(__file__).resolve().parents[1])  # `benchmarks` is a folder of the checkout, not installed
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    args = [sys.executable, "-m", "benchmarks.memory", case, contender, json.dumps(params)]
     if threads:
         args.append(str(threads))
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
@@ -68,7 +70,7 @@ def main(argv: list[str]) -> None:
         import torch
 
         torch.set_num_threads(int(argv[3]))
-    module = import_module(f"retinanet.bench.{case}")
+    module = import_module(f"benchmarks.{case}")
     state = module.setup(**params)
     fn = module.contenders(state)[contender]
     fn()  # warm-up

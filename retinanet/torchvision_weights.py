@@ -15,7 +15,7 @@ the FPN convs ``inner_blocks.{i}.*``; both spellings are accepted. The class ord
 anchor is kept; ``keep_classes`` selects (and orders) a subset, e.g. the 80 real COCO categories
 out of torchvision's 91 outputs (index = COCO category id, 0 = background, 10 "N/A" gaps).
 
-Command line: ``python -m retinanet.convert SOURCE OUT.pt`` writes a checkpoint of this project
+Command line: ``python -m retinanet.torchvision_weights SOURCE OUT.pt`` writes a checkpoint of this project
 (``model``; ``config`` = the matching ``model`` preset plus torchvision's evaluation settings;
 ``label_map``) from a local ``.pth`` or a weights name such as ``RetinaNet_ResNet50_FPN_Weights.COCO_V1``
 (downloaded by torchvision); ``scripts/evaluate.py checkpoint=OUT.pt`` then evaluates it.
@@ -254,7 +254,7 @@ def convert_to_checkpoint(source: str, out: str | os.PathLike, keep_all_classes:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m retinanet.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m retinanet.torchvision_weights", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help=f"a torchvision .pth or a weights name, e.g. {TORCHVISION_WEIGHTS['v2']}")
     parser.add_argument("out", help="checkpoint to write, e.g. torchvision_v2_coco.pt")
     parser.add_argument("--keep-all-classes", action="store_true",

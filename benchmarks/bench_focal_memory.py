@@ -11,7 +11,7 @@ Inputs are made in place before measuring. Measured: the peak resident set durin
 backward (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; ``ru_maxrss`` if that is not
 allowed) minus the resident set just before. That includes the gradient ``x.grad`` (one ``[N, K]``).
 
-Usage: ``python scripts/bench_focal_memory.py [--images 2] [--anchors 120000] [--classes 80]``
+Usage: ``python benchmarks/bench_focal_memory.py [--images 2] [--anchors 120000] [--classes 80]``
 """
 
 from __future__ import annotations

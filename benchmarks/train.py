@@ -3,7 +3,7 @@
 Both models have the architecture of one of our presets and the same weights; both use the same
 torch optimizer (SGD with momentum for the paper preset, AdamW for the CPU preset, the presets'
 settings), so only the model, loss and data layout differ. Ours
-runs as ``engine.forward_loss`` does in training, ``channels_last`` as in ``trainer=default``, and
+runs as ``engine.TrainStep`` does in training, ``channels_last`` as in ``trainer=default``, and
 contiguous (NCHW) as a second contender to show what the layout is worth. torchvision gets the
 same images as floats in [0, 1] (its input), its ``model(images, targets)`` returns the losses.
 
@@ -21,9 +21,9 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from retinanet.bench.models import build_pair, config, make_batch, targets_of
-from retinanet.bench.tv import to_float_list
-from retinanet.engine import StepContext, forward_loss
+from benchmarks.models import build_pair, config, make_batch, targets_of
+from benchmarks.tv import to_float_list
+from retinanet.engine import TrainStep
 
 
 @dataclass
@@ -71,15 +71,13 @@ def _ours_step(model, anchors, criterion, optim: str, batch, channels_last: bool
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(optim, model)
-    ctx = StepContext(criterion=criterion, anchors=anchors, device=torch.device("cpu"), channels_last=channels_last)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_step = TrainStep(model, criterion, anchors, optimizer, scheduler, torch.device("cpu"),
+                           channels_last=channels_last)  # what the trainer runs for every step
     model.train()
 
     def step():
-        losses = forward_loss(model, batch, ctx)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        return float(losses["loss"].detach())
+        return train_step([batch], step=0, epoch=1).terms["loss"]
 
     return step
 

@@ -1,6 +1,6 @@
 """Case "inference": model + post-processing in eval mode, ours vs torchvision (same architecture and weights).
 
-Ours: the model (``channels_last``) + cached anchors + ``PostProcessor``, as ``Detector`` runs them.
+Ours: a ``Detector`` (the model in ``channels_last``, cached anchors, ``PostProcessor``), as every entry point runs it.
 torchvision: ``model.eval()(images)`` (normalise, batch, backbone, head, anchors, postprocess).
 ``agreement`` compares the raw class logits of both networks on the same images.
 """
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from retinanet.bench.models import build_pair, make_batch
-from retinanet.bench.postprocess import SETTINGS
-from retinanet.bench.tv import to_float_list
+from benchmarks.models import build_pair, make_batch
+from benchmarks.postprocess import SETTINGS
+from benchmarks.tv import to_float_list
+from retinanet.detector import Detector
 from retinanet.postprocess import PostProcessor
 
 
@@ -33,17 +34,15 @@ def setup(preset: str = "retinanet_r50", batch: int = 2, height: int = 320, widt
     ours = ours.eval().to(memory_format=torch.channels_last)
     theirs.eval()
     theirs.detections_per_img = SETTINGS["detections_per_img"]
-    post = PostProcessor(**SETTINGS)
+    detector = Detector(model=ours, anchors=anchors, postprocess=PostProcessor(**SETTINGS),
+                        class_names=[str(k) for k in range(num_classes)], category_ids=list(range(num_classes)),
+                        min_size=height, max_size=width, size_divisible=32, device=torch.device("cpu"),
+                        channels_last=True)
     data = make_batch(batch, height, width, num_classes, 1, seed)
     tv_images = to_float_list(data.images)
 
-    @torch.no_grad()
     def run_ours():
-        images = data.images.contiguous(memory_format=torch.channels_last)
-        out = ours(images)
-        grid = anchors(out.feature_shapes, tuple(images.shape[-2:]))
-        return post(out.cls_logits, out.box_deltas, grid, anchors.num_anchors_per_level(out.feature_shapes),
-                    data.image_sizes, data.scales)
+        return detector.detect_batch(data)[0]
 
     @torch.no_grad()
     def run_tv():

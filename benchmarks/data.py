@@ -2,8 +2,9 @@
 
 Uses ``configs/data/shapes.yaml`` and ``configs/trainer/default.yaml`` as the trainer does
 (``build_dataset`` + ``build_loader``), with every augmentation on (``FULL_AUGMENT``: the preset
-keeps only the flip; the bench measures the heavier pipeline a long run uses). The dataset is ``data/shapes`` when it exists, else a small
-one generated under the bench output folder. The first batch (worker start-up) is not timed.
+keeps only the flip; the bench measures the heavier pipeline a long run uses). The dataset is
+``data/shapes`` when it exists, else a small one generated under the bench output folder. The first
+batch (worker start-up) is not timed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from retinanet.bench.models import CONFIGS
+from benchmarks.models import CONFIGS
 
 REPO = CONFIGS.parent
 

@@ -1,4 +1,4 @@
-"""Runs the benchmark cases at a size preset and builds the table rows (see ``scripts/bench.py``)."""
+"""Runs the benchmark cases at a size preset and builds the table rows (see ``benchmarks/bench.py``)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-from retinanet.bench import data as data_case
-from retinanet.bench import endtoend, inference, loss, postprocess, train
-from retinanet.bench.memory import peak_memory
-from retinanet.bench.report import mib, row, seconds
-from retinanet.bench.timing import interleaved, round_ratio
+from benchmarks import data as data_case
+from benchmarks import endtoend, inference, loss, postprocess, train
+from benchmarks.memory import peak_memory
+from benchmarks.report import mib, row, seconds
+from benchmarks.timing import interleaved, round_ratio
 
 log = logging.getLogger(__name__)
 

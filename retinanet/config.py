@@ -138,8 +138,14 @@ def _min_size(cfg: DictConfig) -> None:
     _number(cfg, "data.max_size", max(values), integer=True)
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` naming the key and value of the first problem found in what the trainer reads."""
+def _is_auto(cfg: DictConfig, key: str) -> bool:
+    return OmegaConf.select(cfg, key) == "auto"
+
+
+def validate_train_config(cfg: DictConfig, allow_auto: bool = False) -> None:
+    """Raise ``ConfigError`` naming the key and value of the first problem found in what the trainer reads.
+
+    ``allow_auto``: values ``auto`` pass (``recipe=auto`` replaces them before training; then this runs again)."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
@@ -148,7 +154,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     except InterpolationResolutionError as err:
         raise ConfigError(f"cannot resolve {err.full_key}: {err.msg}") from None
     check_unknown_keys(cfg)
-    _number(cfg, "trainer.epochs", 1, integer=True, allow_none=True)
+    skip = (lambda key: allow_auto and _is_auto(cfg, key))
+    if not skip("trainer.epochs"):
+        _number(cfg, "trainer.epochs", 1, integer=True, allow_none=True)
     _number(cfg, "trainer.time_limit", 0, allow_none=True, lo_open=True)
     if cfg.trainer.epochs is None and cfg.trainer.time_limit is None:
         raise ConfigError("trainer.epochs=null needs trainer.time_limit (the run then plans its length from its "
@@ -162,7 +170,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     _number(cfg, "trainer.threads", 1, integer=True, allow_none=True)
     _choice(cfg, "trainer.precision", PRECISIONS)
     _train_loop(cfg)
-    _min_size(cfg)
+    if not (skip("data.min_size") or skip("data.max_size")):
+        _min_size(cfg)
     for key in ("data.eval_min_size", "data.eval_max_size"):  # absent (older configs) or null: the training resize
         _number(cfg, key, 1, integer=True, allow_none=True)
     _number(cfg, "data.size_divisible", 1, integer=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from retinanet import distributed
+from retinanet import distributed, recipe
 from retinanet.budget import TimeBudget, train_seconds
 from retinanet.checkpoint import atomic_write_json, keep_epoch_copy, remove_stale_temps, resume_path
 from retinanet.config import build, validate_train_config
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
     A SIGTERM or Ctrl-C saves ``last.pt`` and exits (``SystemExit(128 + signal)``); resume with
     ``trainer.resume=auto``.
     """
-    validate_train_config(cfg)
+    validate_train_config(cfg, allow_auto=True)
     distributed.init_from_env()
     distributed.quiet_other_ranks()
     stop = StopSignal().install()
@@ -86,12 +86,6 @@ def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device
     """Datasets, loaders, model, loss, optimiser, schedule, EMA, the training step, the validation detector and the
     checkpointer of a run."""
     dist = distributed.info()
-    if cfg.data.generate is not None:  # rank 0 first: the others then find the data ready
-        if dist.is_main:
-            build(cfg.data.generate)
-        distributed.barrier()
-        if not dist.is_main:
-            build(cfg.data.generate)
     train_set = build_dataset(cfg.data, "train", train=True)
     val_set = build_dataset(cfg.data, "val", train=False)
     if train_set.label_to_cat_id != val_set.label_to_cat_id:
@@ -146,15 +140,30 @@ def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device
                  checkpointer, steps_per_epoch, accumulate)
 
 
+def generate_data(cfg: DictConfig) -> None:
+    """A generated dataset (``data.generate``, e.g. the embedded shapes) on disk: rank 0 first, the others then
+    find it ready."""
+    if cfg.data.generate is None:
+        return
+    if distributed.info().is_main:
+        build(cfg.data.generate)
+    distributed.barrier()
+    if not distributed.info().is_main:
+        build(cfg.data.generate)
+
+
 def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
     dist = distributed.info()
+    device = resolve_device(cfg.device)
+    generate_data(cfg)
+    recipe.apply(cfg, device)  # recipe=auto: the `auto` values fitted to the training set
+    validate_train_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     parts = compose(cfg, resolved, out_dir, device)
     path = distributed.broadcast_object(resume_path(cfg.trainer.resume, out_dir) if dist.is_main else None)
     state = parts.checkpointer.load(path) if path is not None else TrainState()

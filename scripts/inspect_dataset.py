@@ -22,11 +22,13 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from retinanet import recipe  # noqa: E402
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
 from retinanet.cli import run_or_exit  # noqa: E402
 from retinanet.data.build import build_dataset  # noqa: E402
 from retinanet.errors import ConfigError  # noqa: E402
 from retinanet.inspect import anchor_coverage, dataset_statistics, format_report, render_samples, suggested_alpha  # noqa: E402
+from retinanet.runtime import resolve_device  # noqa: E402
 
 log = logging.getLogger("inspect")
 
@@ -37,6 +39,8 @@ def run(cfg: DictConfig, out_dir) -> dict:
         raise ConfigError(f"split={cfg.split!r} must be train or val")
     if cfg.data.generate is not None:
         instantiate(cfg.data.generate)
+    # recipe=auto (data=custom): examine the resize and anchors training would pick
+    recipe.apply(cfg, resolve_device("auto"), only={"data.min_size", "data.max_size", "model.anchors.sizes"})
     dataset = build_dataset(cfg.data, cfg.split, train=False)
     stats = dataset_statistics(dataset)
     anchors, matcher = instantiate(cfg.model.anchors), instantiate(cfg.loss.matcher)

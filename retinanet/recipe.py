@@ -1,0 +1,215 @@
+"""``recipe=auto``: the values a user would otherwise get wrong, fitted to the training set before training.
+
+``configs/recipe/auto.yaml`` (the default of ``data=custom``) sets some values to ``auto``; ``resolve``
+replaces each one with a choice and its reason, from the statistics of the training set (image sizes,
+box sizes and aspect ratios, read from the annotations: nothing is decoded), the device and the run:
+
+- the training resize (``data.min_size`` / ``max_size``): the longer side that keeps the small boxes
+  (5th percentile of sqrt(w*h)) at ``recipe.small_box_px`` pixels, between ``recipe.min_side`` and the
+  device's cap, never larger than the images;
+- the anchor sizes (``model.anchors.sizes``): the scale of the preset's sizes that gives the largest share
+  of boxes an anchor at IoU >= ``loss.matcher.fg_iou`` (at least ``recipe.coverage`` when possible, measured
+  on the padded, resized images as in training), the one closest to the preset on ties;
+- the learning rate and weight decay (``optim.lr`` / ``optim.weight_decay``): from scratch or fine-tuning
+  (an ImageNet backbone via ``model.net.weights`` or a whole detector via ``model.init_from``);
+- the run length (``trainer.epochs``): with ``trainer.time_limit``, as many steps as fit (null); without,
+  enough epochs to see about ``IMAGES_SEEN`` images.
+
+A value given on the command line is not ``auto`` and is never touched. The choices are logged as one
+block and kept in the config (``recipe.choices``), hence in ``config.yaml`` and every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from retinanet.anchors import AnchorGenerator
+from retinanet.data.coco import CocoDetection
+from retinanet.errors import ConfigError
+from retinanet.inspect import best_anchor_iou
+from retinanet.matcher import Matcher
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+SCALES = (0.25, 0.3125, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)  # anchor size multipliers tried
+IMAGES_SEEN = 20_000  # without a time limit: epochs to see about this many images (COCO's 12 epochs see 1.4M)
+EPOCHS_RANGE = (12, 300)
+# learning rate and weight decay by optimiser and start; fine-tuning rates are for a batch of 16 (linear scaling)
+RATES = {("adamw", "scratch"): (3e-3, 0.05), ("adamw", "pretrained"): (1e-4, 1e-4),
+         ("sgd", "scratch"): (0.02, 1e-4), ("sgd", "pretrained"): (0.01, 1e-4)}
+PRETRAINED_BATCH = 16
+
+
+@dataclass
+class Choice:
+    key: str
+    value: object
+    reason: str
+
+
+def is_auto(value) -> bool:
+    return isinstance(value, str) and value == AUTO
+
+
+# the keys recipe=auto can fill in (elsewhere `auto` has meanings of its own: device=auto, trainer.precision=auto)
+RECIPE_KEYS = ("data.min_size", "data.max_size", "model.anchors.sizes", "optim.lr", "optim.weight_decay",
+               "trainer.epochs")
+
+
+def auto_keys(cfg: DictConfig) -> list[str]:
+    """The keys of ``RECIPE_KEYS`` whose value is ``auto``."""
+    return [key for key in RECIPE_KEYS if is_auto(OmegaConf.select(cfg, key, default=None))]
+
+
+def box_statistics(dataset: CocoDetection, max_images: int | None = None) -> dict:
+    """Image and box statistics of a dataset from its annotations (original pixels)."""
+    n = len(dataset)
+    index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round()
+    sizes = np.array([dataset.image_size(int(i)) for i in index], dtype=np.float64).reshape(-1, 2)  # (h, w)
+    boxes = [dataset.annotations(int(i)) for i in index]
+    xyxy = np.concatenate([b[~c] for b, _, c in boxes]) if boxes else np.zeros((0, 4))
+    longer = np.concatenate([np.full(int((~c).sum()), sizes[k].max()) for k, (_, _, c) in enumerate(boxes)]) \
+        if boxes else np.zeros(0)
+    wh = np.stack([xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], axis=1) if len(xyxy) else np.zeros((0, 2))
+    side = np.sqrt(np.clip(wh[:, 0] * wh[:, 1], 0, None))
+    return {
+        "images": n, "examined": len(index), "boxes": int(len(side)),
+        "image_longer_side": float(np.median(sizes.max(axis=1))) if len(sizes) else math.nan,
+        "box_side_p5": float(np.percentile(side, 5)) if len(side) else math.nan,
+        "box_side_median": float(np.median(side)) if len(side) else math.nan,
+        # box size relative to its image's longer side: what a resize keeps
+        "relative_side_p5": float(np.percentile(side / longer, 5)) if len(side) else math.nan,
+        "boxes_per_image": float(len(side) / max(1, len(index))),
+    }
+
+
+def choose_side(stats: dict, recipe: DictConfig, device: torch.device) -> tuple[int, str]:
+    """The longer side of the training resize, and why."""
+    cap = int(recipe.max_side_gpu if device.type == "cuda" else recipe.max_side_cpu)
+    native = stats["image_longer_side"]
+    rel = stats["relative_side_p5"]
+    if not math.isfinite(rel) or rel <= 0:
+        side, why = min(cap, native), "no boxes to size it by"
+    else:
+        side = recipe.small_box_px / rel
+        why = (f"keeps the small boxes (5th percentile {rel * native:.0f} px of {native:.0f}) at "
+               f">= {recipe.small_box_px} px")
+        if side < recipe.min_side:
+            side, why = recipe.min_side, why.replace("keeps", "already keeps") + f" at the minimum {recipe.min_side}"
+        if side > cap:
+            side, why = cap, f"capped for the {device.type} (small boxes then {rel * cap:.0f} px)"
+    side = int(min(side, native))  # never enlarge the images
+    if side == int(native):
+        why += "; the images' own size"
+    return max(32, side // 32 * 32), why
+
+
+def fit_anchor_sizes(dataset, anchors_cfg: DictConfig, matcher: Matcher, side: int, size_divisible: int,
+                     coverage: float, max_images: int) -> tuple[list[float], dict, str]:
+    """The multiple of the preset's anchor sizes that covers the boxes best (see the module docstring)."""
+    base = [float(s) for s in anchors_cfg.sizes] if not is_auto(anchors_cfg.sizes) else [32.0, 64, 128, 256, 512]
+    params = {k: v for k, v in OmegaConf.to_container(anchors_cfg, resolve=True).items()
+              if k not in ("_target_", "sizes")}
+    results = {}
+    for m in SCALES:
+        gen = AnchorGenerator(sizes=[s * m for s in base], **params)
+        iou = best_anchor_iou(dataset, gen, side, side, size_divisible, max_images)
+        results[m] = float((iou >= matcher.fg_iou).mean()) if len(iou) else 0.0
+    best = max(results.values())
+    target = coverage if best >= coverage else best - 0.005
+    good = [m for m, c in results.items() if c >= target]
+    m = min(good, key=lambda s: (abs(math.log(s)), -s))
+    sizes = [round(s * m, 1) for s in base]
+    why = (f"{results[m]:.1%} of the boxes have an anchor at IoU >= {matcher.fg_iou} "
+           f"({results[1.0]:.1%} with the preset's {base[0]:g}-{base[-1]:g})")
+    return sizes, {str(k): round(v, 4) for k, v in results.items()}, why
+
+
+def pretrained(cfg: DictConfig) -> bool:
+    return bool(cfg.model.get("init_from")) or bool(cfg.model.net.get("weights"))
+
+
+def resolve(cfg: DictConfig, train_set: CocoDetection, device: torch.device, only: set[str] | None = None
+            ) -> list[Choice]:
+    """Replace every ``auto`` value of ``cfg`` (in place; ``only``: of these keys) and return the choices with
+    their reasons."""
+    keys = set(auto_keys(cfg)) & (only if only is not None else set(auto_keys(cfg)))
+    if not keys:
+        return []
+    recipe = cfg.recipe
+    if recipe.get("name") != "auto":
+        raise ConfigError(f"{sorted(keys)[0]}=auto needs recipe=auto (it fits such values to the training set)")
+    choices: list[Choice] = []
+    stats = box_statistics(train_set, recipe.max_images)
+
+    def choose(key: str, value, reason: str) -> None:
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, value, merge=False)
+        choices.append(Choice(key, value, reason))
+
+    side = None
+    if keys & {"data.min_size", "data.max_size"}:
+        side, why = choose_side(stats, recipe, device)
+        if "data.max_size" in keys:
+            choose("data.max_size", side, f"longer side {side}: {why}")
+        if "data.min_size" in keys:
+            choose("data.min_size", side, "= max_size: the longer side sets the scale")
+    if "model.anchors.sizes" in keys:
+        side = side or int(cfg.data.max_size)
+        matcher = Matcher(fg_iou=cfg.loss.matcher.fg_iou, bg_iou=cfg.loss.matcher.bg_iou)
+        sizes, _, why = fit_anchor_sizes(train_set, cfg.model.anchors, matcher, side, int(cfg.data.size_divisible),
+                                         float(recipe.coverage), recipe.max_images)
+        choose("model.anchors.sizes", sizes, why)
+    start = "pretrained" if pretrained(cfg) else "scratch"
+    name = str(cfg.optim.get("_target_", "")).rsplit(".", 1)[-1]
+    if keys & {"optim.lr", "optim.weight_decay"}:
+        if (name, start) not in RATES:
+            raise ConfigError(f"optim.lr=auto: no rule for optimiser {name!r}; set optim.lr")
+        lr, wd = RATES[(name, start)]
+        what = "fine-tuning a pretrained backbone" if start == "pretrained" else "training from scratch"
+        if "optim.lr" in keys:
+            scale = ""
+            if start == "pretrained" and cfg.optim.get("reference_batch_size") is None:
+                batch = cfg.trainer.batch_size * cfg.trainer.accumulate_grad_batches
+                lr = lr * batch / PRETRAINED_BATCH
+                scale = f" ({RATES[(name, start)][0]:g} per {PRETRAINED_BATCH} images, linear in the batch of {batch})"
+            choose("optim.lr", float(f"{lr:.3g}"), f"{name} {what}{scale}")
+        if "optim.weight_decay" in keys:
+            choose("optim.weight_decay", wd, f"{name} {what}")
+    if "trainer.epochs" in keys:
+        if cfg.trainer.time_limit:
+            choose("trainer.epochs", None, f"trainer.time_limit={cfg.trainer.time_limit:g}s: as many steps as fit")
+        else:
+            epochs = int(np.clip(math.ceil(IMAGES_SEEN / max(1, len(train_set))), *EPOCHS_RANGE))
+            choose("trainer.epochs", epochs, f"about {IMAGES_SEEN} images seen ({len(train_set)} a pass), "
+                                             f"within {EPOCHS_RANGE[0]}-{EPOCHS_RANGE[1]} epochs")
+    with open_dict(cfg):
+        cfg.recipe.choices = {c.key: {"value": c.value, "reason": c.reason} for c in choices}
+        cfg.recipe.statistics = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
+    return choices
+
+
+def apply(cfg: DictConfig, device: torch.device, only: set[str] | None = None) -> list[Choice]:
+    """``resolve`` on the training set of ``cfg.data`` (read once, without images) and log the choices."""
+    if not auto_keys(cfg):
+        return []
+    train_set = CocoDetection(cfg.data.train_ann, cfg.data.train_images, on_error=cfg.data.get("on_error", "raise"))
+    choices = resolve(cfg, train_set, device, only)
+    log.info("%s", describe(choices))
+    return choices
+
+
+def describe(choices: list[Choice]) -> str:
+    """The log block: one line per choice."""
+    lines = ["recipe=auto fitted to the training set (set any of these on the command line to change it):"]
+    width = max(len(c.key) for c in choices)
+    for c in choices:
+        lines.append(f"  {c.key:<{width}} = {c.value}  ({c.reason})")
+    return "\n".join(lines)

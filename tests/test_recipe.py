@@ -1,0 +1,145 @@
+"""recipe=auto (the default of data=custom): the resize, anchors, learning rate and run length fitted to the
+training set. Tiny boxes get small anchors, large boxes large ones, a pretrained backbone the fine-tuning rate,
+a time limit a run that fills it; a value given on the command line is never changed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retinanet import recipe
+from retinanet.config import validate_train_config
+from retinanet.data import CocoDetection
+from retinanet.errors import ConfigError
+
+from conftest import compose_train
+
+
+def write_dataset(tmp_path, box_side: float, n: int = 12, size=(640, 480)) -> tuple:
+    """``n`` blank images of ``size`` (w, h), each with three square boxes of ``box_side`` pixels."""
+    img_dir = tmp_path / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        Image.new("RGB", size).save(img_dir / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size[0], "height": size[1]})
+        for k in range(3):
+            x = 20 + k * (box_side + 10) % max(1, size[0] - box_side - 20)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + k % 2,
+                         "bbox": [float(x), 30.0, float(box_side), float(box_side)]})
+    ann = tmp_path / f"boxes_{box_side}.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns,
+                               "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return ann, img_dir
+
+
+def custom(ann, img_dir, *extra) -> list[str]:
+    return ["data=custom", f"data.train_ann={ann}", f"data.train_images={img_dir}", f"data.val_ann={ann}",
+            f"data.val_images={img_dir}", *extra]
+
+
+def fitted(tmp_path, box_side, *extra, device="cpu"):
+    ann, img_dir = write_dataset(tmp_path, box_side)
+    cfg = compose_train(custom(ann, img_dir, *extra))
+    validate_train_config(cfg, allow_auto=True)
+    choices = recipe.resolve(cfg, CocoDetection(ann, img_dir), torch.device(device))
+    validate_train_config(cfg)  # every auto value replaced by a valid one
+    return cfg, {c.key: c for c in choices}
+
+
+def test_data_custom_selects_the_recipe_and_recipe_none_keeps_the_presets():
+    cfg = compose_train(custom("a.json", "img"))
+    assert cfg.recipe.name == "auto"
+    assert set(recipe.auto_keys(cfg)) == {"data.min_size", "data.max_size", "model.anchors.sizes", "optim.lr",
+                                          "optim.weight_decay", "trainer.epochs"}
+    plain = compose_train(custom("a.json", "img", "recipe=none", "data.min_size=320", "data.max_size=320"))
+    assert recipe.auto_keys(plain) == [] and plain.model.anchors.sizes == [16, 32, 64, 128, 256]
+    assert recipe.auto_keys(compose_train()) == []  # the embedded demo: its own tuned values
+
+
+def test_tiny_boxes_get_small_anchors_and_large_boxes_large_ones(tmp_path):
+    small_cfg, small = fitted(tmp_path / "small", 12)
+    large_cfg, large = fitted(tmp_path / "large", 300)
+    small_sizes, large_sizes = small_cfg.model.anchors.sizes, large_cfg.model.anchors.sizes
+    assert small_sizes[0] < large_sizes[0] and small_sizes[0] <= 16 <= 32 <= large_sizes[0]
+    assert "of the boxes have an anchor at IoU >= 0.5" in small["model.anchors.sizes"].reason
+    # small boxes: as large as a CPU allows (12 px of 640 would need 853 px for 16 px) ...
+    assert small_cfg.data.max_size == small_cfg.recipe.max_side_cpu == small_cfg.data.min_size
+    # ... large ones can be shrunk to the minimum side
+    assert large_cfg.data.max_size == small_cfg.recipe.min_side
+    assert "data.max_size" in large and large["data.max_size"].value == large_cfg.data.max_size
+
+
+@pytest.mark.parametrize("box_side", [12, 24, 60, 300])
+def test_the_fitted_anchors_cover_the_boxes(tmp_path, box_side):
+    from retinanet.inspect import anchor_coverage
+    from retinanet.matcher import Matcher
+
+    cfg, _ = fitted(tmp_path, box_side)
+    ann, img_dir = write_dataset(tmp_path, box_side)
+
+    def coverage(sizes) -> float:
+        params = {k: v for k, v in cfg.model.anchors.items() if k not in ("_target_", "sizes")}
+        return anchor_coverage(CocoDetection(ann, img_dir), recipe.AnchorGenerator(sizes=sizes, **params),
+                               Matcher(0.5, 0.4), cfg.data.min_size, cfg.data.max_size, cfg.data.size_divisible,
+                               progress=False)["iou_at_fg"]
+
+    fitted_coverage, paper = coverage(list(cfg.model.anchors.sizes)), coverage([32, 64, 128, 256, 512])
+    if box_side >= 24:
+        assert fitted_coverage >= 0.99
+    else:  # 12 px of 640 at a CPU's 512 px: 9.6 px boxes on a stride-8 grid can reach IoU 0.5 only where aligned
+        assert fitted_coverage > paper + 0.3
+
+
+def test_a_pretrained_backbone_gets_the_fine_tuning_optimiser(tmp_path):
+    _, scratch = fitted(tmp_path / "a", 60)
+    assert scratch["optim.lr"].value == 3e-3 and scratch["optim.weight_decay"].value == 0.05
+    cfg, tuned = fitted(tmp_path / "b", 60, "model.net.weights=ResNet18_Weights.IMAGENET1K_V1")
+    assert tuned["optim.lr"].value == pytest.approx(1e-4 * 8 / 16)  # AdamW 1e-4 per 16 images, batch 8
+    assert tuned["optim.weight_decay"].value == 1e-4 and "fine-tuning" in tuned["optim.lr"].reason
+    _, sgd = fitted(tmp_path / "c", 60, "optim=sgd", "model.init_from=detector.pt", "trainer.batch_size=4")
+    assert sgd["optim.lr"].value == pytest.approx(0.01 * 4 / 16)  # the paper's 0.01 per 16 images
+
+
+def test_the_run_length_fills_a_time_limit_or_follows_the_dataset_size(tmp_path):
+    cfg, chosen = fitted(tmp_path / "a", 60, "trainer.time_limit=600")
+    assert cfg.trainer.epochs is None and "as many steps as fit" in chosen["trainer.epochs"].reason
+    cfg, _ = fitted(tmp_path / "b", 60, "trainer.time_limit=null")
+    assert cfg.trainer.epochs == recipe.EPOCHS_RANGE[1]  # 12 images: the most epochs the rule gives
+
+
+def test_explicit_values_always_win(tmp_path):
+    cfg, chosen = fitted(tmp_path, 12, "data.min_size=200", "data.max_size=300", "model.anchors.sizes=[8,16,32,64,128]",
+                         "optim.lr=0.0007", "trainer.epochs=3")
+    assert (cfg.data.min_size, cfg.data.max_size, cfg.optim.lr, cfg.trainer.epochs) == (200, 300, 0.0007, 3)
+    assert list(cfg.model.anchors.sizes) == [8, 16, 32, 64, 128]
+    assert set(chosen) == {"optim.weight_decay"}
+    assert dict(cfg.recipe.choices)["optim.weight_decay"]["value"] == 0.05  # recorded in the config (checkpoints)
+
+
+def test_a_gpu_gets_a_larger_resize_cap(tmp_path):
+    cpu_cfg, _ = fitted(tmp_path / "a", 8)  # 8 px boxes of 640: 16 px would need 1280
+    gpu_cfg, _ = fitted(tmp_path / "b", 8, device="cuda")
+    assert cpu_cfg.data.max_size == 512 and gpu_cfg.data.max_size == 640  # never enlarged beyond the images
+    ann, img_dir = write_dataset(tmp_path / "big", 8, size=(2000, 1500))
+    stats = recipe.box_statistics(CocoDetection(ann, img_dir))
+    cap = compose_train(custom(ann, img_dir)).recipe
+    assert recipe.choose_side(stats, cap, torch.device("cpu"))[0] == cap.max_side_cpu
+    assert recipe.choose_side(stats, cap, torch.device("cuda"))[0] == cap.max_side_gpu
+
+
+def test_auto_without_the_recipe_is_a_clear_error(tmp_path):
+    ann, img_dir = write_dataset(tmp_path, 60)
+    cfg = compose_train(custom(ann, img_dir, "recipe=none"))  # data.min_size / max_size are auto in data=custom
+    with pytest.raises(ConfigError, match="data.max_size=auto needs recipe=auto"):
+        recipe.resolve(cfg, CocoDetection(ann, img_dir), torch.device("cpu"))
+
+
+def test_box_statistics_read_the_annotations(tmp_path):
+    ann, img_dir = write_dataset(tmp_path, 50, n=4)
+    stats = recipe.box_statistics(CocoDetection(ann, img_dir))
+    assert stats["boxes"] == 12 and stats["image_longer_side"] == 640
+    assert stats["box_side_p5"] == pytest.approx(50) and stats["relative_side_p5"] == pytest.approx(50 / 640)
+    assert np.isfinite(stats["boxes_per_image"])

@@ -116,7 +116,7 @@ def _train_loop(cfg: DictConfig) -> None:
     _number(cfg, "trainer.ema.decay", 0, 1, allow_none=True, lo_open=True)
     if cfg.trainer.ema.decay is not None and cfg.trainer.ema.decay >= 1:
         raise ConfigError(f"trainer.ema.decay={cfg.trainer.ema.decay} must be < 1 (e.g. 0.9998), or null for no EMA")
-    for key in ("aspect_ratio_grouping", "sync_bn", "deterministic", "channels_last", "progress"):
+    for key in ("aspect_ratio_grouping", "sync_bn", "deterministic", "channels_last", "progress", "compile"):
         if not isinstance(cfg.trainer[key], bool):
             raise ConfigError(f"trainer.{key}={cfg.trainer[key]!r} must be true or false")
     resume = cfg.trainer.resume

@@ -138,6 +138,8 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Modu
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside ``torch.compile`` and / or DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

@@ -24,6 +24,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from retinanet.boxes import BoxCoder
 from retinanet.matcher import BACKGROUND, Matcher
+from retinanet.runtime import chunk_elements
 
 log = logging.getLogger(__name__)
 Alpha = float | Tensor | None
@@ -94,14 +95,14 @@ def _focal_terms(x: Tensor, t: float, a: Tensor | float, gamma: float, grad: boo
     return a * (gamma * q.pow(gamma - 1) * s * s_neg * (1 - 2 * t) * ce + q.pow(gamma) * (s - t))
 
 
-_CHUNK_ELEMENTS = 2**18  # logits per step of _label_terms: the temporaries of a step stay in the CPU cache
+
 
 
 def _label_terms(x: Tensor, labels: Tensor, alpha: Alpha, gamma: float, eps: float,
                  row_weight: Tensor | None, grad: bool, scale: Tensor | float = 1.0) -> Tensor:
     """Summed loss, or the weighted gradient ``[N, K]`` times ``scale``, of ``x [N, K]`` against ``labels [N]``.
 
-    Row chunks of about ``_CHUNK_ELEMENTS`` logits are treated as all negative (hard targets: one
+    Row chunks of about ``chunk_elements(device)`` logits are treated as all negative (hard targets: one
     sigmoid and one softplus per logit, the rest fused multiplies), the foreground entries (one per
     foreground row) are computed apart and replace theirs. So the only ``[N, K]`` tensor ever
     allocated is the returned gradient. ``tests/test_fast_paths.py`` checks this against the dense
@@ -122,7 +123,7 @@ def _label_terms(x: Tensor, labels: Tensor, alpha: Alpha, gamma: float, eps: flo
     a_neg = _alpha_t(alpha, t_neg)  # float or [K]
     pos = _focal_terms(x[rows, cols], t_pos, a_pos, gamma, grad) * weight[rows]  # [P]
     out = torch.empty_like(x) if grad else None
-    step = max(1, _CHUNK_ELEMENTS // max(1, k))
+    step = max(1, chunk_elements(x.device) // max(1, k))
     starts = list(range(0, n, step))
     bounds = torch.searchsorted(rows, torch.tensor(starts + [n], device=rows.device)).tolist()  # positives per chunk
     sums = torch.zeros(len(starts) + 1, dtype=torch.float64, device=x.device)

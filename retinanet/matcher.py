@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from retinanet.runtime import chunk_elements
+
 BACKGROUND = -1
 IGNORE = -2
 
@@ -56,18 +58,19 @@ class Matcher:
     Crowd gt never become targets; background anchors whose intersection with a crowd box
     covers at least ``crowd_ioa`` of the anchor's area are ignored instead.
 
-    ``chunk_elements``: IoU values computed per step (memory / cache trade-off only).
+    ``chunk_elements``: IoU values computed per step (memory / cache trade-off only; None: by device, see
+    ``retinanet.runtime.chunk_elements``).
     """
 
     def __init__(self, fg_iou: float = 0.5, bg_iou: float = 0.4, allow_low_quality: bool = True,
-                 crowd_ioa: float = 0.5, chunk_elements: int = 2**18):
+                 crowd_ioa: float = 0.5, chunk_elements: int | None = None):
         if not 0.0 <= bg_iou <= fg_iou <= 1.0:
             raise ValueError(f"bg_iou={bg_iou} and fg_iou={fg_iou}: need 0 <= bg_iou <= fg_iou <= 1")
         self.fg_iou = float(fg_iou)
         self.bg_iou = float(bg_iou)
         self.allow_low_quality = bool(allow_low_quality)
         self.crowd_ioa = float(crowd_ioa)
-        self.chunk_elements = max(1, int(chunk_elements))
+        self.chunk_elements = None if chunk_elements is None else max(1, int(chunk_elements))
 
     @torch.no_grad()
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, gt_crowd: Tensor | None = None) -> Tensor:
@@ -87,7 +90,8 @@ class Matcher:
         anc = anchors.t().contiguous()  # [A, 4] -> [4, A]: contiguous coordinate rows
         anc_area = (anc[2] - anc[0]) * (anc[3] - anc[1])  # [A]
 
-        step = max(1, min(num_anchors, self.chunk_elements // (batch * num_gt)))
+        budget = self.chunk_elements or chunk_elements(anchors.device)
+        step = max(1, min(num_anchors, budget // (batch * num_gt)))
         flat = torch.empty(3, batch * num_gt * step, device=anchors.device)
         best_iou = torch.empty(batch, num_anchors, device=anchors.device)
         best_gt = torch.empty(batch, num_anchors, dtype=torch.int64, device=anchors.device)

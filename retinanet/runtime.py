@@ -74,6 +74,13 @@ def precision_setup(precision: str, device: torch.device, quiet: bool = False):
     return torch.bfloat16, None
 
 
+def chunk_elements(device: torch.device) -> int:
+    """Elements per step of the chunked loops (focal loss, matcher): on a CPU the temporaries of a step stay
+    in the cache (2^18); on a GPU a step is a few large kernels (2^25: one or two chunks for a COCO batch, so
+    the loops' few host synchronisations stay few)."""
+    return 2**18 if device.type == "cpu" else 2**25
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to ``dtype`` on ``device`` (a no-op context for full precision)."""
     if dtype is None:

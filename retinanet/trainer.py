@@ -126,7 +126,11 @@ def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device
              "on %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, global_batch, t.batch_size,
              dist.world_size, accumulate, device)
     log.info("loss: %s", criterion.describe() if hasattr(criterion, "describe") else type(criterion).__name__)
-    train_step = TrainStep(distributed.wrap_model(model, device, t.sync_bn), criterion, anchors, optimizer,
+    train_model = distributed.wrap_model(model, device, t.sync_bn)
+    if t.compile:  # the training forward / backward only; evaluation runs the plain model (few, varied shapes)
+        log.info("trainer.compile=true: torch.compile (inductor) of the training model; the first steps compile")
+        train_model = torch.compile(train_model)
+    train_step = TrainStep(train_model, criterion, anchors, optimizer,
                            scheduler, device, autocast_dtype=autocast_dtype, scaler=scaler, grad_clip=t.grad_clip,
                            ema=ema, channels_last=t.channels_last, max_bad_steps=t.max_bad_steps,
                            bad_batch_dir=out_dir)

@@ -93,13 +93,13 @@ def known_keys(group: str) -> frozenset[str]:
 
 def check_unknown_keys(cfg: DictConfig) -> None:
     """Refuse keys no component reads: e.g. ``+trainer.epoch=3`` (Hydra accepts a new key with ``+``)."""
-    for group in ("trainer", "data"):
+    for group in ("trainer", "data", "evaluation"):
         present = _keys(OmegaConf.to_container(cfg[group], resolve=False))
         unknown = sorted(present - known_keys(group))
         if unknown:
             raise ConfigError(f"{group}.{unknown[0]} is not a setting of {group} (nothing reads it): check the "
                               f"spelling; `python scripts/train.py --cfg job` lists every key")
-    top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", *BUILT_GROUPS} - {"seed", "device"}
+    top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", "evaluation", *BUILT_GROUPS} - {"seed", "device"}
     if top:
         raise ConfigError(f"{sorted(top)[0]} is not a setting of the training config (nothing reads it)")
     model_keys = set(cfg.model.keys()) - {"name", "init_from", "net", "anchors"}
@@ -125,6 +125,13 @@ def _train_loop(cfg: DictConfig) -> None:
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise ConfigError(f"trainer.resume={resume!r} does not exist; give a checkpoint file (last.pt), "
                           "auto (the run dir's last.pt if any) or null")
+
+
+def validate_evaluation_config(cfg: DictConfig) -> None:
+    """``evaluation.*`` (training and scripts/evaluate.py): a known, installed backend."""
+    from retinanet.evaluation import check_backend  # imported late: pycocotools
+
+    check_backend(str(cfg.evaluation.backend))
 
 
 def _min_size(cfg: DictConfig) -> None:
@@ -162,6 +169,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _number(cfg, "trainer.threads", 1, integer=True, allow_none=True)
     _choice(cfg, "trainer.precision", PRECISIONS)
     _train_loop(cfg)
+    validate_evaluation_config(cfg)
     _min_size(cfg)
     for key in ("data.eval_min_size", "data.eval_max_size"):  # absent (older configs) or null: the training resize
         _number(cfg, key, 1, integer=True, allow_none=True)

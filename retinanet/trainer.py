@@ -245,7 +245,7 @@ def train_epochs(cfg: DictConfig, state: TrainState, parts: Parts, budget: TimeB
                  stats.get("loss_box", float("nan")), stats["images_per_s"], state.step, total)
         entry = {"epoch": epoch, "step": state.step, "train": stats, "bad_steps": state.bad_steps}
         if last or (t.eval_every and epoch % t.eval_every == 0):
-            evaluate_epoch(entry, parts, writer, t.progress)
+            evaluate_epoch(entry, parts, writer, t.progress, cfg.evaluation.backend)
         state.history.append(entry)
         ap = final_ap(entry)
         improved = ap is not None and ap > state.best_ap
@@ -272,14 +272,14 @@ def final_ap(entry: dict) -> float | None:
     return None if val is None or val["stats"]["AP"] is None else float(val["stats"]["AP"])
 
 
-def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool) -> None:
+def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool, backend: str = "pycocotools") -> None:
     """Evaluate the weights (and the EMA weights) into ``entry``; curves and pictures to TensorBoard."""
     nets = [("val", parts.detector)]
     if parts.ema is not None:
         nets.append(("val_ema", parts.detector.with_model(parts.ema.module)))
     for key, detector in nets:
         result = evaluate(detector, parts.val_loader, parts.val_set, parts.criterion,
-                          progress=progress and distributed.info().is_main, desc=key)
+                          progress=progress and distributed.info().is_main, desc=key, backend=backend)
         entry[key] = result.metrics
         if writer is not None:
             for name, value in {**result.metrics["stats"], **result.metrics["loss"]}.items():

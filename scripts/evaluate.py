@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
 from retinanet.cli import command_line_values, run_or_exit  # noqa: E402
-from retinanet.config import build  # noqa: E402
+from retinanet.config import build, validate_evaluation_config  # noqa: E402
 from retinanet.data.build import build_dataset, build_loader  # noqa: E402
 from retinanet.detector import Detector  # noqa: E402
 from retinanet.errors import ConfigError  # noqa: E402
@@ -33,6 +33,7 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     """
     if cfg.split not in ("train", "val"):
         raise ConfigError(f"split={cfg.split!r} must be train or val")
+    validate_evaluation_config(cfg)
     post = postprocess if postprocess is not None else command_line_values(cfg, "postprocess")
     detector = Detector.from_checkpoint(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, postprocess=post)
     if cfg.data.generate is not None:
@@ -42,7 +43,8 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     batch_size = cfg.batch_size or detector.config.get("trainer", {}).get("eval_batch_size", 8)
     loader = build_loader(dataset, batch_size, False, cfg.num_workers, detector.size_divisible, 0,
                           detector.device.type == "cuda")
-    result = evaluate(detector, loader, dataset, progress=cfg.progress, desc="evaluate", category_ids=cat_ids)
+    result = evaluate(detector, loader, dataset, progress=cfg.progress, desc="evaluate", category_ids=cat_ids,
+                      backend=cfg.evaluation.backend)
     results = to_coco_results(result.detections, result.image_ids, cat_ids)
     out_dir = Path(out_dir)
     atomic_write_json(results, out_dir / "results.json", indent=None)

@@ -128,10 +128,15 @@ def _train_loop(cfg: DictConfig) -> None:
 
 
 def validate_evaluation_config(cfg: DictConfig) -> None:
-    """``evaluation.*`` (training and scripts/evaluate.py): a known, installed backend."""
+    """``evaluation.*`` (training and scripts/evaluate.py): a known, installed backend and sane picture settings."""
     from retinanet.evaluation import check_backend  # imported late: pycocotools
 
     check_backend(str(cfg.evaluation.backend))
+    if not isinstance(cfg.evaluation.plots.enabled, bool):
+        raise ConfigError(f"evaluation.plots.enabled={cfg.evaluation.plots.enabled!r} must be true or false")
+    _number(cfg, "evaluation.plots.score_thresh", 0, 1)
+    _number(cfg, "evaluation.plots.iou_thresh", 0, 1, lo_open=True)
+    _number(cfg, "evaluation.plots.num_images", 0, integer=True)
 
 
 def _min_size(cfg: DictConfig) -> None:

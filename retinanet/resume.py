@@ -4,9 +4,10 @@ A checkpoint (``last.pt``, written at every epoch end, every ``trainer.checkpoin
 optimiser steps and when SIGTERM / Ctrl-C arrives) holds everything the next step depends on:
 model, optimiser, scheduler, AMP scaler, EMA, the position (epoch, micro-batches done in it,
 global step), the running loss sums of the epoch, the RNG states, the resolved config, the label
-map and the history. Batches and augmentations are functions of (seed, epoch, index)
-(``retinanet.data.samplers``), so a resumed run trains on exactly what the interrupted one
-would have: on CPU with ``trainer.deterministic=true`` it ends bit-identical.
+map, the history and the logged loss / learning-rate curves (``plots/loss_lr.png``). Batches and
+augmentations are functions of (seed, epoch, index) (``retinanet.data.samplers``), so a resumed
+run trains on exactly what the interrupted one would have: on CPU with
+``trainer.deterministic=true`` it ends bit-identical.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from retinanet import distributed
@@ -40,6 +42,7 @@ class TrainState:
     bad_steps: int = 0
     resumed_from: str | None = None
     planned_steps: int | None = None    # the run's total steps as trainer.time_limit planned them (None: no limit)
+    curves: dict = field(default_factory=dict)  # {"loss" | "loss_cls" | "loss_box" | "lr": [[step, value], ...]}
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Checkpointer:
             "sampler": dict(self.sampler_key), "rng": rng_state(), "config": self.config,
             "label_map": self.label_map, "metrics": metrics, "history": state.history,
             "best_ap": state.best_ap, "bad_steps": state.bad_steps, "planned_steps": state.planned_steps,
+            "curves": {k: torch.tensor(v, dtype=torch.float64).reshape(-1, 2) for k, v in state.curves.items()},
         }
         if self.scaler is not None:
             ckpt["scaler"] = self.scaler.state_dict()
@@ -112,7 +116,8 @@ class Checkpointer:
             set_rng_state(ckpt["rng"])
         state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), history=list(ckpt.get("history", [])),
                            best_ap=float(ckpt.get("best_ap", -1.0)), bad_steps=int(ckpt.get("bad_steps", 0)),
-                           resumed_from=str(path), planned_steps=ckpt.get("planned_steps"))
+                           resumed_from=str(path), planned_steps=ckpt.get("planned_steps"),
+                           curves={k: v.tolist() for k, v in ckpt.get("curves", {}).items()})
         if ckpt.get("epoch_complete", True):
             state.epoch += 1
         elif ckpt.get("sampler") != self.sampler_key:

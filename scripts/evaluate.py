@@ -1,7 +1,8 @@
 """COCO evaluation of a checkpoint: `python scripts/evaluate.py checkpoint=<run>/best.pt [data=<preset> ...]`.
 
 Prints the 12 COCO numbers and a per-class AP table; writes results.json (COCO results format,
-the dataset's category ids) and metrics.json into `output` (default: the Hydra run dir).
+the dataset's category ids), metrics.json and plots/ (PR curves, confusion matrix, drawn images;
+evaluation.plots.enabled=false: none) into `output` (default: the Hydra run dir).
 
 Examples:
     python scripts/evaluate.py checkpoint=outputs/shapes/2026-01-01_12-00-00/best.pt
@@ -24,6 +25,7 @@ from retinanet.data.build import build_dataset, build_loader  # noqa: E402
 from retinanet.detector import Detector  # noqa: E402
 from retinanet.errors import ConfigError  # noqa: E402
 from retinanet.evaluation import evaluate, format_metrics, to_coco_results  # noqa: E402
+from retinanet.plots import write_evaluation_plots  # noqa: E402
 
 
 def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
@@ -55,6 +57,11 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     print(f"\nCOCO evaluation of {cfg.checkpoint} on {dataset.ann_file} ({len(dataset)} images):\n"
           + format_metrics(result.metrics, names))
     print(f"\nwrote {out_dir / 'results.json'} ({len(results)} detections) and {out_dir / 'metrics.json'}")
+    if cfg.evaluation.plots.enabled:
+        p = cfg.evaluation.plots
+        pictures = write_evaluation_plots(out_dir / "plots", result, dataset, p.score_thresh, p.iou_thresh, p.num_images,
+                                          category_ids=cat_ids)
+        print(f"pictures: {out_dir / 'plots'} ({', '.join(path.name for path in pictures)})")
     return summary
 
 

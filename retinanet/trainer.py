@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from retinanet import distributed, plots
+from retinanet import distributed, plots, provenance
 from retinanet.budget import TimeBudget, train_seconds
 from retinanet.checkpoint import atomic_write_json, keep_epoch_copy, remove_stale_temps, resume_path
 from retinanet.config import build, validate_train_config
@@ -157,6 +157,8 @@ def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     parts = compose(cfg, resolved, out_dir, device)
+    if dist.is_main:  # versions, git commit, annotation files: in every checkpoint and the model card
+        parts.checkpointer.provenance = provenance.collect(cfg.data.name, parts.train_set, parts.val_set)
     path = distributed.broadcast_object(resume_path(cfg.trainer.resume, out_dir) if dist.is_main else None)
     state = parts.checkpointer.load(path) if path is not None else TrainState()
     budget = None

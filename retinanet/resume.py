@@ -96,7 +96,7 @@ class Checkpointer:
         """``best.pt`` = the ``last.pt`` just saved, and its model card beside it (``retinanet.model_card``)."""
         if distributed.info().is_main:
             atomic_link(self.last, self.out_dir / "best.pt")
-            if self._card is not None:  # the facts of the save best.pt now is
+            if self._card is not None:  # the facts of the checkpoint best.pt now is
                 card = model_card(self.config, self.label_map, self.provenance, parameters=sum(
                     p.numel() for p in self.model.parameters()), **self._card)
                 write_model_card(self.out_dir, card)

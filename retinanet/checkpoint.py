@@ -73,6 +73,12 @@ def atomic_write_json(obj, path: str | os.PathLike, indent: int | None = 2) -> N
     _atomic_write(path, lambda f: f.write(data))
 
 
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """UTF-8 text, atomically."""
+    data = text.encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint written by this project (plain containers only: ``weights_only=True``).
 

@@ -93,13 +93,13 @@ def known_keys(group: str) -> frozenset[str]:
 
 def check_unknown_keys(cfg: DictConfig) -> None:
     """Refuse keys no component reads: e.g. ``+trainer.epoch=3`` (Hydra accepts a new key with ``+``)."""
-    for group in ("trainer", "data"):
+    for group in ("trainer", "data", "evaluation"):
         present = _keys(OmegaConf.to_container(cfg[group], resolve=False))
         unknown = sorted(present - known_keys(group))
         if unknown:
             raise ConfigError(f"{group}.{unknown[0]} is not a setting of {group} (nothing reads it): check the "
                               f"spelling; `python scripts/train.py --cfg job` lists every key")
-    top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", *BUILT_GROUPS} - {"seed", "device"}
+    top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", "evaluation", *BUILT_GROUPS} - {"seed", "device"}
     if top:
         raise ConfigError(f"{sorted(top)[0]} is not a setting of the training config (nothing reads it)")
     model_keys = set(cfg.model.keys()) - {"name", "init_from", "net", "anchors"}
@@ -125,6 +125,18 @@ def _train_loop(cfg: DictConfig) -> None:
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise ConfigError(f"trainer.resume={resume!r} does not exist; give a checkpoint file (last.pt), "
                           "auto (the run dir's last.pt if any) or null")
+
+
+def validate_evaluation_config(cfg: DictConfig) -> None:
+    """``evaluation.*`` (training and scripts/evaluate.py): a known, installed backend and sane picture settings."""
+    from retinanet.evaluation import check_backend  # imported late: pycocotools
+
+    check_backend(str(cfg.evaluation.backend))
+    if not isinstance(cfg.evaluation.plots.enabled, bool):
+        raise ConfigError(f"evaluation.plots.enabled={cfg.evaluation.plots.enabled!r} must be true or false")
+    _number(cfg, "evaluation.plots.score_thresh", 0, 1)
+    _number(cfg, "evaluation.plots.iou_thresh", 0, 1, lo_open=True)
+    _number(cfg, "evaluation.plots.num_images", 0, integer=True)
 
 
 def _min_size(cfg: DictConfig) -> None:
@@ -170,6 +182,7 @@ def validate_train_config(cfg: DictConfig, allow_auto: bool = False) -> None:
     _number(cfg, "trainer.threads", 1, integer=True, allow_none=True)
     _choice(cfg, "trainer.precision", PRECISIONS)
     _train_loop(cfg)
+    validate_evaluation_config(cfg)
     if not (skip("data.min_size") or skip("data.max_size")):
         _min_size(cfg)
     for key in ("data.eval_min_size", "data.eval_max_size"):  # absent (older configs) or null: the training resize

@@ -4,9 +4,10 @@ A checkpoint (``last.pt``, written at every epoch end, every ``trainer.checkpoin
 optimiser steps and when SIGTERM / Ctrl-C arrives) holds everything the next step depends on:
 model, optimiser, scheduler, AMP scaler, EMA, the position (epoch, micro-batches done in it,
 global step), the running loss sums of the epoch, the RNG states, the resolved config, the label
-map and the history. Batches and augmentations are functions of (seed, epoch, index)
-(``retinanet.data.samplers``), so a resumed run trains on exactly what the interrupted one
-would have: on CPU with ``trainer.deterministic=true`` it ends bit-identical.
+map, the history and the logged loss / learning-rate curves (``plots/loss_lr.png``). Batches and
+augmentations are functions of (seed, epoch, index) (``retinanet.data.samplers``), so a resumed
+run trains on exactly what the interrupted one would have: on CPU with
+``trainer.deterministic=true`` it ends bit-identical.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from retinanet import distributed
 from retinanet.checkpoint import atomic_link, atomic_save, load_checkpoint, rng_state, set_rng_state
 from retinanet.engine import EpochProgress
 from retinanet.errors import UserError
+from retinanet.model_card import model_card, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class TrainState:
     bad_steps: int = 0
     resumed_from: str | None = None
     planned_steps: int | None = None    # the run's total steps as trainer.time_limit planned them (None: no limit)
+    curves: dict = field(default_factory=dict)  # {"loss" | "loss_cls" | "loss_box" | "lr": [[step, value], ...]}
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Checkpointer:
     sampler_key: dict           # what the position inside an epoch depends on (world size, batch, ...)
     config: dict
     label_map: dict
+    provenance: dict | None = None  # retinanet.provenance.collect(): versions, git commit, data files (rank 0)
+    _card: dict | None = field(default=None, init=False, repr=False)  # the facts of the last save, for mark_best
 
     @property
     def last(self) -> Path:
@@ -74,6 +80,8 @@ class Checkpointer:
             "sampler": dict(self.sampler_key), "rng": rng_state(), "config": self.config,
             "label_map": self.label_map, "metrics": metrics, "history": state.history,
             "best_ap": state.best_ap, "bad_steps": state.bad_steps, "planned_steps": state.planned_steps,
+            "curves": {k: torch.tensor(v, dtype=torch.float64).reshape(-1, 2) for k, v in state.curves.items()},
+            "provenance": self.provenance,
         }
         if self.scaler is not None:
             ckpt["scaler"] = self.scaler.state_dict()
@@ -82,10 +90,16 @@ class Checkpointer:
         if digests is not None:
             ckpt["replica_digests"] = digests
         atomic_save(ckpt, self.last)
+        self._card = {"history": list(state.history), "metrics": metrics, "step": state.step}
 
     def mark_best(self) -> None:
+        """``best.pt`` = the ``last.pt`` just saved, and its model card beside it (``retinanet.model_card``)."""
         if distributed.info().is_main:
             atomic_link(self.last, self.out_dir / "best.pt")
+            if self._card is not None:  # the facts of the checkpoint best.pt now is
+                card = model_card(self.config, self.label_map, self.provenance, parameters=sum(
+                    p.numel() for p in self.model.parameters()), **self._card)
+                write_model_card(self.out_dir, card)
 
     def load(self, path: Path) -> TrainState:
         """Restore every object from checkpoint ``path``; returns where to continue."""
@@ -110,9 +124,15 @@ class Checkpointer:
                 self.ema.module.load_state_dict(self.model.state_dict())
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        then = (ckpt.get("provenance") or {}).get("git") or {}
+        now = (self.provenance or {}).get("git") or {}
+        if then.get("commit") and now.get("commit") and then["commit"] != now["commit"]:
+            log.warning("trainer.resume: %s was written by code at git commit %s, this is commit %s", path,
+                        then.get("commit"), now.get("commit"))
         state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), history=list(ckpt.get("history", [])),
                            best_ap=float(ckpt.get("best_ap", -1.0)), bad_steps=int(ckpt.get("bad_steps", 0)),
-                           resumed_from=str(path), planned_steps=ckpt.get("planned_steps"))
+                           resumed_from=str(path), planned_steps=ckpt.get("planned_steps"),
+                           curves={k: v.tolist() for k, v in ckpt.get("curves", {}).items()})
         if ckpt.get("epoch_complete", True):
             state.epoch += 1
         elif ckpt.get("sampler") != self.sampler_key:

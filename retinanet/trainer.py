@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from retinanet import distributed, recipe
+from retinanet import distributed, plots, provenance, recipe
 from retinanet.budget import TimeBudget, train_seconds
 from retinanet.checkpoint import atomic_write_json, keep_epoch_copy, remove_stale_temps, resume_path
 from retinanet.config import build, validate_train_config
@@ -63,6 +63,7 @@ class Parts:
     checkpointer: Checkpointer
     steps_per_epoch: int
     accumulate: int
+    evaluations: dict = dataclasses.field(default_factory=dict)  # the latest Evaluation per key (val, val_ema)
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> float:
@@ -169,6 +170,8 @@ def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     seed_everything(cfg.seed)
     parts = compose(cfg, resolved, out_dir, device)
+    if dist.is_main:  # versions, git commit, annotation files: in every checkpoint and the model card
+        parts.checkpointer.provenance = provenance.collect(cfg.data.name, parts.train_set, parts.val_set)
     path = distributed.broadcast_object(resume_path(cfg.trainer.resume, out_dir) if dist.is_main else None)
     state = parts.checkpointer.load(path) if path is not None else TrainState()
     budget = None
@@ -184,6 +187,7 @@ def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
 
         writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
+        writer = plots.RecordingWriter(writer, state.curves)  # the per-step curves of plots/loss_lr.png
     try:
         train_epochs(cfg, state, parts, budget, stop, writer)
         evaluated = [e for e in state.history if "val" in e]
@@ -194,7 +198,7 @@ def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
             writer.close()
         parts.train_loader.shutdown()  # the worker processes end with the run
         parts.val_loader.shutdown()
-    return finish(cfg, state, out_dir, parts.val_set, budget)
+    return finish(cfg, state, out_dir, parts.val_set, budget, parts.evaluations)
 
 
 def planned_steps(cfg: DictConfig, state: TrainState, steps_per_epoch: int) -> int:
@@ -258,7 +262,7 @@ def train_epochs(cfg: DictConfig, state: TrainState, parts: Parts, budget: TimeB
                  stats.get("loss_box", float("nan")), stats["images_per_s"], state.step, total)
         entry = {"epoch": epoch, "step": state.step, "train": stats, "bad_steps": state.bad_steps}
         if last or (t.eval_every and epoch % t.eval_every == 0):
-            evaluate_epoch(entry, parts, writer, t.progress)
+            evaluate_epoch(entry, parts, writer, t.progress, cfg.evaluation.backend)
         state.history.append(entry)
         ap = final_ap(entry)
         improved = ap is not None and ap > state.best_ap
@@ -285,15 +289,16 @@ def final_ap(entry: dict) -> float | None:
     return None if val is None or val["stats"]["AP"] is None else float(val["stats"]["AP"])
 
 
-def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool) -> None:
+def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool, backend: str = "pycocotools") -> None:
     """Evaluate the weights (and the EMA weights) into ``entry``; curves and pictures to TensorBoard."""
     nets = [("val", parts.detector)]
     if parts.ema is not None:
         nets.append(("val_ema", parts.detector.with_model(parts.ema.module)))
     for key, detector in nets:
         result = evaluate(detector, parts.val_loader, parts.val_set, parts.criterion,
-                          progress=progress and distributed.info().is_main, desc=key)
+                          progress=progress and distributed.info().is_main, desc=key, backend=backend)
         entry[key] = result.metrics
+        parts.evaluations[key] = result
         if writer is not None:
             for name, value in {**result.metrics["stats"], **result.metrics["loss"]}.items():
                 if value is not None:
@@ -309,8 +314,10 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set, budget: TimeBudget | None) -> float:
-    """Final metrics.json and printed summary (rank 0); returns the final AP on every rank."""
+def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set, budget: TimeBudget | None,
+           evaluations: dict | None = None) -> float:
+    """Final metrics.json, printed summary and pictures (rank 0; ``evaluations``: the last ``Evaluation`` per key,
+    for the pictures); returns the final AP on every rank."""
     evaluated = [e for e in state.history if "val" in e]
     if not evaluated:
         raise ConfigError(f"trainer.resume: the run in {out_dir} has already trained all its steps but holds no "
@@ -338,6 +345,11 @@ def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set, budget: T
             asked = f"of the {cfg.trainer.epochs} epochs asked for" if cfg.trainer.epochs else "planned from the pace"
             print(f"trainer.time_limit={cfg.trainer.time_limit:g}s: trained {seconds:.0f} s "
                   f"({seconds / cfg.trainer.time_limit:.1%} of the budget), {state.step} steps {asked}")
+        if cfg.evaluation.plots.enabled:
+            p = cfg.evaluation.plots
+            final = (evaluations or {}).get("val_ema" if "val_ema" in last else "val")
+            plots.write_run_plots(out_dir / "plots", state.history, state.curves, final, val_set, p.score_thresh,
+                                  p.iou_thresh, p.num_images)
         print(f"outputs: {out_dir}")
     ap = metrics["stats"]["AP"]
     return float(ap) if ap is not None else float("nan")

@@ -1,7 +1,8 @@
 """COCO evaluation of a checkpoint: `python scripts/evaluate.py checkpoint=<run>/best.pt [data=<preset> ...]`.
 
 Prints the 12 COCO numbers and a per-class AP table; writes results.json (COCO results format,
-the dataset's category ids) and metrics.json into `output` (default: the Hydra run dir).
+the dataset's category ids), metrics.json and plots/ (PR curves, confusion matrix, drawn images;
+evaluation.plots.enabled=false: none) into `output` (default: the Hydra run dir).
 
 Examples:
     python scripts/evaluate.py checkpoint=outputs/shapes/2026-01-01_12-00-00/best.pt
@@ -19,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from retinanet.checkpoint import atomic_write_json  # noqa: E402
 from retinanet.cli import command_line_values, run_or_exit  # noqa: E402
-from retinanet.config import build  # noqa: E402
+from retinanet.config import build, validate_evaluation_config  # noqa: E402
 from retinanet.data.build import build_dataset, build_loader  # noqa: E402
 from retinanet.detector import Detector  # noqa: E402
 from retinanet.errors import ConfigError  # noqa: E402
 from retinanet.evaluation import evaluate, format_metrics, to_coco_results  # noqa: E402
+from retinanet.plots import write_evaluation_plots  # noqa: E402
 
 
 def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
@@ -33,6 +35,7 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     """
     if cfg.split not in ("train", "val"):
         raise ConfigError(f"split={cfg.split!r} must be train or val")
+    validate_evaluation_config(cfg)
     post = postprocess if postprocess is not None else command_line_values(cfg, "postprocess")
     detector = Detector.from_checkpoint(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, postprocess=post)
     if cfg.data.generate is not None:
@@ -42,7 +45,8 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     batch_size = cfg.batch_size or detector.config.get("trainer", {}).get("eval_batch_size", 8)
     loader = build_loader(dataset, batch_size, False, cfg.num_workers, detector.size_divisible, 0,
                           detector.device.type == "cuda")
-    result = evaluate(detector, loader, dataset, progress=cfg.progress, desc="evaluate", category_ids=cat_ids)
+    result = evaluate(detector, loader, dataset, progress=cfg.progress, desc="evaluate", category_ids=cat_ids,
+                      backend=cfg.evaluation.backend)
     results = to_coco_results(result.detections, result.image_ids, cat_ids)
     out_dir = Path(out_dir)
     atomic_write_json(results, out_dir / "results.json", indent=None)
@@ -53,6 +57,11 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     print(f"\nCOCO evaluation of {cfg.checkpoint} on {dataset.ann_file} ({len(dataset)} images):\n"
           + format_metrics(result.metrics, names))
     print(f"\nwrote {out_dir / 'results.json'} ({len(results)} detections) and {out_dir / 'metrics.json'}")
+    if cfg.evaluation.plots.enabled:
+        p = cfg.evaluation.plots
+        pictures = write_evaluation_plots(out_dir / "plots", result, dataset, p.score_thresh, p.iou_thresh, p.num_images,
+                                          category_ids=cat_ids)
+        print(f"pictures: {out_dir / 'plots'} ({', '.join(path.name for path in pictures)})")
     return summary
 
 

@@ -62,7 +62,8 @@ def start_training(overrides: list[str], run_dir: Path, log: Path, pause: str | 
     if pause:
         script = [str(ROOT / "tests" / "pause_write.py"), pause, *script]
     cmd = [sys.executable, *script, *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT / "tests")}
+    # this checkout's package first (pause_write imports it before train.py puts the checkout on sys.path)
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=new_session)
 
@@ -90,6 +91,8 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     losses = [[e["train"][k] for k in ("loss", "loss_cls", "loss_box")] for e in a["history"]]
     assert losses == [[e["train"][k] for k in ("loss", "loss_cls", "loss_box")] for e in b["history"]]
     assert a["metrics"]["stats"] == b["metrics"]["stats"] and a["metrics"]["loss"] == b["metrics"]["loss"]
+    assert {k: v.tolist() for k, v in a["curves"].items()} == {k: v.tolist() for k, v in b["curves"].items()}  # the
+    # per-step loss / lr record of plots/loss_lr.png: the steps before the checkpoint kept, those after it redone
 
 
 # --- pieces -------------------------------------------------------------------------------------------

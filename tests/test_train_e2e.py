@@ -1,10 +1,10 @@
 """End to end: the composed Hydra config trains a few iterations on tiny data, the loss falls,
 and the run dir holds checkpoints, TensorBoard events, metrics and the resolved config."""
 
-import pytest
 import json
 import logging
 
+import pytest
 import torch
 
 from retinanet.checkpoint import load_checkpoint

@@ -1,0 +1,374 @@
+"""The pictures of a run, as PNG files (matplotlib, Agg): what TensorBoard shows, readable without it.
+
+``write_run_plots`` is called at the end of a training run (rank 0) and ``write_evaluation_plots`` by
+``scripts/evaluate.py``; both write into ``<run>/plots/`` (docs/run_outputs.md lists the files):
+
+- ``loss_lr.png``: loss, loss_cls, loss_box and the learning rate over steps (the values logged to
+  TensorBoard every ``trainer.log_every`` steps, kept by ``RecordingWriter``), with the epoch means and
+  the validation loss as markers;
+- ``ap_history.png``: AP and AP50 of every evaluated epoch (``metrics.json``'s history);
+- ``pr_curves_iou50.png``: per-class precision-recall at IoU 0.5 (area all, 100 detections), from
+  COCOeval's precision array;
+- ``confusion_matrix.png`` + ``.json``: classes confused with each other (``confusion_matrix``);
+- ``val_images.png``: validation images, ground truth | predictions (``tensorboard.draw_eval_image``).
+
+Every function takes plain data (history, ``Evaluation``, dataset) and returns the file it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from retinanet.checkpoint import atomic_write_json
+from retinanet.tensorboard import draw_eval_image, num_gt_per_class, pr_curve_arrays
+
+log = logging.getLogger(__name__)
+
+CURVE_TAGS = {"train/loss": "loss", "train/loss_cls": "loss_cls", "train/loss_box": "loss_box", "train/lr": "lr"}
+TERM_COLORS = {"loss": "black", "loss_cls": "tab:blue", "loss_box": "tab:orange"}
+
+
+class RecordingWriter:
+    """A TensorBoard ``SummaryWriter`` that also keeps the scalars of ``CURVE_TAGS`` in ``curves``
+    (``{"loss": [[step, value], ...], ...}``, the trainer's ``TrainState.curves``, checkpointed): the loss and
+    learning-rate picture shows exactly what TensorBoard shows, without reading event files. Everything
+    else goes to the wrapped writer unchanged."""
+
+    def __init__(self, writer, curves: dict):
+        self.writer, self.curves = writer, curves
+
+    def add_scalar(self, tag, scalar_value, global_step=None, *args, **kwargs):
+        if tag in CURVE_TAGS and global_step is not None:
+            self.curves.setdefault(CURVE_TAGS[tag], []).append([int(global_step), float(scalar_value)])
+        return self.writer.add_scalar(tag, scalar_value, global_step, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path, dpi: int = 100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+# ---------------------------------------------------------------- training curves
+
+def plot_loss_lr(curves: dict, history: list[dict], path: str | Path) -> Path:
+    """Loss terms (top) and learning rate (bottom) over optimiser steps: ``curves`` per logged step (lines),
+    ``history``'s epoch means and validation losses at each epoch's last step (markers)."""
+    fig = _figure(9, 6)
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    for term, color in TERM_COLORS.items():
+        points = np.asarray(curves.get(term, []), dtype=np.float64).reshape(-1, 2)
+        if len(points):
+            ax_loss.plot(points[:, 0], points[:, 1], color=color, lw=1, alpha=0.8, label=f"{term} (per step)")
+        epochs = [(e["step"], e["train"][term]) for e in history if e.get("train", {}).get(term) is not None]
+        if epochs:
+            ax_loss.plot(*zip(*epochs), "o", color=color, ms=5, label=f"{term} (epoch mean)")
+        val = [(e["step"], e["val"]["loss"][term]) for e in history
+               if e.get("val", {}).get("loss", {}).get(term) is not None]
+        if val:
+            ax_loss.plot(*zip(*val), "x", color=color, ms=7, mew=2, label=f"{term} (validation)")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("Training loss")
+    ax_loss.grid(alpha=0.3)
+    if ax_loss.has_data():
+        ax_loss.legend(fontsize=7, ncol=3)
+    lr = np.asarray(curves.get("lr", []), dtype=np.float64).reshape(-1, 2)
+    if len(lr):
+        ax_lr.plot(lr[:, 0], lr[:, 1], color="tab:green", lw=1.2)
+    else:
+        ax_lr.text(0.5, 0.5, "no step logged (trainer.log_every > steps trained)", ha="center", va="center",
+                   transform=ax_lr.transAxes)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimiser step")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax_lr.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_ap_history(history: list[dict], path: str | Path) -> Path | None:
+    """AP and AP50 over the evaluated epochs (solid: the weights; dashed: the EMA weights). None when no epoch
+    was evaluated."""
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for key, style, label in (("val", "-", ""), ("val_ema", "--", " (EMA)")):
+        for stat, color in (("AP", "tab:blue"), ("AP50", "tab:orange")):
+            points = [(e["epoch"], e[key]["stats"][stat]) for e in history
+                      if key in e and e[key]["stats"].get(stat) is not None]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", color=color, label=f"{stat}{label}")
+    if not ax.has_data():
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("COCO metric")
+    ax.set_ylim(0, 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Validation AP@[.5:.95] and AP50 per evaluated epoch")
+    return _save(fig, Path(path))
+
+
+# ---------------------------------------------------------------- evaluation
+
+def plot_pr_curves(precision: np.ndarray, class_names, num_gt, path: str | Path, max_legend: int = 12) -> Path:
+    """Per-class precision-recall at IoU 0.5, area all, 100 detections: ``precision`` is COCOeval's array
+    [T, R, K, A, M]; ``class_names[k]`` / ``num_gt[k]`` belong to its column k (sorted category ids). A class
+    without ground truth has no curve; AP50 in the legend is COCO's (the mean over the 101 recall points)."""
+    fig = _figure(7, 6)
+    ax = fig.subplots()
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10" if len(class_names) <= 10 else "tab20"]
+    curves = 0
+    for k, name in enumerate(class_names):
+        p = precision[0, :, k, 0, -1]
+        arrays = pr_curve_arrays(p, int(num_gt[k]))
+        if arrays is None:
+            continue
+        label = f"{name}  AP50 {p.mean():.3f}" if len(class_names) <= max_legend else None
+        ax.plot(arrays["recall"], arrays["precision"], color=colors(k % colors.N), lw=1.5, label=label)
+        curves += 1
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision (interpolated)")
+    ax.grid(alpha=0.3)
+    ax.set_title("Precision-recall per class, IoU 0.5 (area all, 100 detections)")
+    if curves and len(class_names) <= max_legend:
+        ax.legend(fontsize=8, loc="lower left")
+    elif not curves:
+        ax.text(0.5, 0.5, "no class has ground truth", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, Path(path))
+
+
+def confusion_matrix(detections: list[dict], ground_truths: list[dict], num_classes: int, score_thresh: float = 0.3,
+                     iou_thresh: float = 0.5) -> tuple[np.ndarray, int]:
+    """Count which class each confident detection took each ground-truth box for.
+
+    ``detections[i]`` (``boxes`` [D, 4] xyxy, ``scores`` [D], ``labels`` [D]) and ``ground_truths[i]``
+    (``boxes`` [G, 4] xyxy, ``labels`` [G], optional ``crowd`` [G] bool) are image i's, in the same pixels.
+    Returns ``(matrix, ignored)``; ``matrix`` is [K + 1, K + 1] int64, K = ``num_classes``:
+
+    - rows are the ground-truth class, columns the predicted class; row K and column K are *background*;
+    - only detections scoring at least ``score_thresh`` take part. Per image they are taken greedily by
+      score (highest first); each one matches at most one ground-truth box and each box at most one
+      detection: among the still unmatched boxes with IoU >= ``iou_thresh``, one of the detection's own
+      class if any, else any class; the highest IoU wins. Class-agnostic matching is what lets confusions
+      show: a matched pair counts in ``matrix[gt class, predicted class]`` (the diagonal when right);
+    - a detection that matches nothing is a false positive: ``matrix[K, predicted class]`` (the background
+      row); unless it lies inside a crowd region (intersection / its own area >= ``iou_thresh``, COCO's
+      rule), which COCO neither rewards nor penalises: it is counted in ``ignored`` only;
+    - a ground-truth box no detection matched is missed: ``matrix[gt class, K]`` (the background column).
+      Crowd boxes are regions to ignore, not objects: never counted;
+    - ``matrix[K, K]`` is 0.
+
+    So each ground-truth row sums to the number of (non-crowd) boxes of that class, and the predicted
+    columns 0..K-1 together sum to the confident detections less ``ignored``.
+    """
+    k_bg = num_classes
+    matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    ignored = 0
+    for det, gt in zip(detections, ground_truths):
+        gt_boxes = torch.as_tensor(np.asarray(gt["boxes"], dtype=np.float64)).reshape(-1, 4)
+        gt_labels = np.asarray(gt["labels"], dtype=np.int64).reshape(-1)
+        crowd = np.asarray(gt.get("crowd", np.zeros(len(gt_labels), bool)), dtype=bool).reshape(-1)
+        scores = torch.as_tensor(det["scores"]).double().reshape(-1)
+        keep = torch.nonzero(scores >= score_thresh).flatten()
+        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]  # greedy: best score first
+        boxes = torch.as_tensor(det["boxes"]).double().reshape(-1, 4)[keep]
+        labels = torch.as_tensor(det["labels"]).reshape(-1)[keep].numpy().astype(np.int64)
+        objects, regions = gt_boxes[torch.from_numpy(~crowd)], gt_boxes[torch.from_numpy(crowd)]
+        object_labels = gt_labels[~crowd]
+        iou = box_iou(boxes, objects).numpy() if len(objects) and len(boxes) else np.zeros((len(boxes), len(objects)))
+        inside = _inside(boxes, regions)  # [D] max intersection / detection area over the crowd regions
+        taken = np.zeros(len(objects), dtype=bool)
+        for d, label in enumerate(labels.tolist()):
+            candidates = ~taken & (iou[d] >= iou_thresh)
+            if candidates.any():
+                same = candidates & (object_labels == label)
+                pool = same if same.any() else candidates
+                g = int(np.argmax(np.where(pool, iou[d], -1.0)))
+                taken[g] = True
+                matrix[object_labels[g], label] += 1
+            elif inside[d] >= iou_thresh:
+                ignored += 1
+            else:
+                matrix[k_bg, label] += 1
+        np.add.at(matrix, (object_labels[~taken], k_bg), 1)
+    return matrix, ignored
+
+
+def _inside(boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
+    """For each box [D, 4], the largest fraction of its area inside one of ``regions`` [C, 4] (0 without regions)."""
+    if not len(regions) or not len(boxes):
+        return np.zeros(len(boxes))
+    lt = torch.maximum(boxes[:, None, :2], regions[None, :, :2])  # [D, C, 2]
+    rb = torch.minimum(boxes[:, None, 2:], regions[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)  # [D, C]
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1).clamp(min=1e-12)  # [D]
+    return (inter / area[:, None]).max(dim=1).values.numpy()
+
+
+def dataset_confusion(dataset, detections: list[dict], image_ids, score_thresh: float = 0.3,
+                      iou_thresh: float = 0.5) -> tuple[np.ndarray, int]:
+    """``confusion_matrix`` over every image of ``dataset`` (a ``CocoDetection``: the boxes COCOeval uses);
+    ``detections`` / ``image_ids`` as ``evaluate`` returns them, labels in the dataset's label space. An image
+    without detections (or not detected at all: unreadable) has all its boxes missed, as in COCOeval."""
+    by_id = {int(i): d for d, i in zip(detections, image_ids)}
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    dets, gts = [], []
+    for index, image_id in enumerate(dataset.image_ids):
+        boxes, labels, crowd = dataset.annotations(index)
+        gts.append({"boxes": boxes, "labels": labels, "crowd": crowd})
+        dets.append(by_id.get(int(image_id), empty))
+    return confusion_matrix(dets, gts, dataset.num_classes, score_thresh, iou_thresh)
+
+
+def plot_confusion(matrix: np.ndarray, class_names, path: str | Path, score_thresh: float, iou_thresh: float,
+                   ignored: int = 0) -> Path:
+    """``matrix`` of ``confusion_matrix`` as a heat map: counts in the cells, colour = the fraction of its row
+    (the ground-truth boxes of a class; for the background row, the false positives)."""
+    names = [*class_names, "background"]
+    n = len(names)
+    rows = matrix.sum(axis=1, keepdims=True)
+    fraction = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
+    side = max(5.0, 0.55 * n + 2.5)
+    fig = _figure(side + 1, side)
+    ax = fig.subplots()
+    image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the row")
+    if n <= 30:
+        for r in range(n):
+            for c in range(n):
+                if matrix[r, c]:
+                    ax.text(c, r, str(matrix[r, c]), ha="center", va="center", fontsize=8,
+                            color="white" if fraction[r, c] > 0.6 else "black")
+    ticks = list(range(n))
+    ax.set_xticks(ticks, [*class_names, "missed"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, [*class_names, "false positive"], fontsize=8)
+    ax.axhline(n - 1.5, color="grey", lw=0.8)
+    ax.axvline(n - 1.5, color="grey", lw=0.8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("ground-truth class")
+    crowd = f", {ignored} on crowd regions left out" if ignored else ""
+    ax.set_title(f"Confusion matrix: detections scoring >= {score_thresh:g} matched at IoU >= {iou_thresh:g}\n"
+                 f"{int(matrix[:-1].sum())} ground-truth boxes, {int(matrix[:, :-1].sum())} detections{crowd}",
+                 fontsize=9)
+    return _save(fig, Path(path))
+
+
+def plot_val_images(dataset, detections: list[dict], image_ids, path: str | Path, num_images: int = 8,
+                    min_score: float = 0.3, columns: int = 2) -> Path | None:
+    """The first ``num_images`` evaluated images (dataset order: those TensorBoard shows), each ground truth
+    (green) | predictions scoring at least ``min_score`` (red), in a grid. None when there is no image."""
+    index_of = {int(i): n for n, i in enumerate(dataset.image_ids)}
+    drawn = []
+    for det, image_id in list(zip(detections, image_ids))[:num_images]:
+        index = index_of[int(image_id)]
+        boxes, labels, crowd = dataset.annotations(index)  # the boxes COCOeval uses; crowd regions not drawn
+        drawn.append((int(image_id), draw_eval_image(dataset.load_image(index), boxes[~crowd], labels[~crowd], det,
+                                                     dataset.class_names, min_score)))
+    if not drawn:
+        return None
+    columns = min(columns, len(drawn))
+    rows = math.ceil(len(drawn) / columns)
+    h = max(im.shape[0] for _, im in drawn)
+    w = max(im.shape[1] for _, im in drawn)
+    fig = _figure(columns * w / 100, rows * (h / 100 + 0.35))
+    axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
+    for ax, (image_id, im) in zip(axes, drawn):
+        ax.imshow(im)
+        ax.set_title(f"image id {image_id}: ground truth | predictions >= {min_score:g}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, Path(path))
+
+
+# ---------------------------------------------------------------- all of them
+
+def dataset_labels(detections: list[dict], category_ids, dataset) -> list[dict]:
+    """Detections whose label k means category ``category_ids[k]`` (a checkpoint's classes) relabelled in
+    ``dataset``'s label space (its own sorted category ids)."""
+    to_dataset = torch.tensor([dataset.cat_id_to_label[int(c)] for c in category_ids], dtype=torch.int64)
+    return [{**d, "labels": to_dataset[torch.as_tensor(d["labels"]).long()]} for d in detections]
+
+
+def write_evaluation_plots(out_dir: str | Path, evaluation, dataset, score_thresh: float = 0.3,
+                           iou_thresh: float = 0.5, num_images: int = 8, category_ids=None) -> list[Path]:
+    """PR curves, confusion matrix (PNG + JSON) and drawn validation images of one ``Evaluation`` of
+    ``dataset`` into ``out_dir``. ``category_ids``: the dataset category of each detection label when the
+    detector's classes are not the dataset's own order (``Detector.dataset_category_ids``)."""
+    out_dir = Path(out_dir)
+    detections = evaluation.detections
+    if category_ids is not None and list(category_ids) != list(dataset.label_to_cat_id):
+        detections = dataset_labels(detections, category_ids, dataset)
+    cat_ids, names = list(dataset.label_to_cat_id), list(dataset.class_names)
+    order = np.argsort(cat_ids)  # COCOeval's class columns follow sorted category ids
+    written = []
+
+    def pr_curves():
+        if evaluation.precision is not None:
+            return plot_pr_curves(evaluation.precision, [names[k] for k in order],
+                                  num_gt_per_class(dataset, [cat_ids[k] for k in order]), out_dir / "pr_curves_iou50.png")
+
+    def confusion():
+        matrix, ignored = dataset_confusion(dataset, detections, evaluation.image_ids, score_thresh, iou_thresh)
+        atomic_write_json({"rows": "ground-truth class, then background (false positives)",
+                           "columns": "predicted class, then background (missed ground truth)",
+                           "classes": names, "score_thresh": score_thresh, "iou_thresh": iou_thresh,
+                           "ignored_on_crowd": ignored, "matrix": matrix.tolist()}, out_dir / "confusion_matrix.json")
+        return plot_confusion(matrix, names, out_dir / "confusion_matrix.png", score_thresh, iou_thresh, ignored)
+
+    def images():
+        if num_images:
+            return plot_val_images(dataset, detections, evaluation.image_ids, out_dir / "val_images.png", num_images,
+                                   score_thresh)
+
+    for name, draw in (("PR curves", pr_curves), ("confusion matrix", confusion), ("validation images", images)):
+        written.append(_draw(name, draw))
+    return [p for p in written if p is not None]
+
+
+def write_run_plots(out_dir: str | Path, history: list[dict], curves: dict, evaluation=None, dataset=None,
+                    score_thresh: float = 0.3, iou_thresh: float = 0.5, num_images: int = 8) -> list[Path]:
+    """Every picture of a training run into ``out_dir``: loss / learning rate and AP history from ``curves``
+    and ``history``; the evaluation pictures (``write_evaluation_plots``) of the final ``evaluation`` of
+    ``dataset`` (None, e.g. a resumed run that had nothing left to train: those are left out). Returns the
+    files written; a picture that fails is logged and skipped, the others are still drawn."""
+    out_dir = Path(out_dir)
+    written = [_draw("loss and learning rate", lambda: plot_loss_lr(curves, history, out_dir / "loss_lr.png")),
+               _draw("AP history", lambda: plot_ap_history(history, out_dir / "ap_history.png"))]
+    if evaluation is not None and dataset is not None and evaluation.image_ids:
+        written += write_evaluation_plots(out_dir, evaluation, dataset, score_thresh, iou_thresh, num_images)
+    written = [p for p in written if p is not None]
+    log.info("pictures of the run: %s (%s)", out_dir, ", ".join(p.name for p in written))
+    return written
+
+
+def _draw(name: str, fn) -> Path | None:
+    """``fn()``, or None with a warning naming the picture if it fails: a picture is never worth losing the end of
+    a run for (checkpoints and metrics.json are written before)."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - any failure of a picture: logged, the run goes on
+        log.warning("the %s picture could not be drawn: %s: %s", name, type(err).__name__, err,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+        return None

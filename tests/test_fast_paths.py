@@ -110,7 +110,7 @@ def dense_focal(x, labels, alpha, gamma, eps, row_weight):
     ("per_class", 2.0, 0.0, False), (0.25, 2.0, 0.1, True),
 ])
 def test_chunked_focal_equals_dense_values_and_gradients(monkeypatch, alpha, gamma, eps, weighted):
-    monkeypatch.setattr(losses_module, "_CHUNK_ELEMENTS", 70)  # 10 rows of 7 classes per chunk: many chunks
+    monkeypatch.setattr(losses_module, "chunk_elements", lambda device: 70)  # 10 rows of 7 classes a chunk: many chunks
     gen = torch.Generator().manual_seed(2)
     n, k = 203, 7
     x = (torch.randn(n, k, generator=gen) * 4).requires_grad_()
@@ -169,7 +169,7 @@ def reference_retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_label
 
 @pytest.mark.parametrize("normalization", ["batch", "torchvision"])
 def test_retinanet_loss_equals_per_image_reference(monkeypatch, normalization):
-    monkeypatch.setattr(losses_module, "_CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(losses_module, "chunk_elements", lambda device: 512)
     gen = torch.Generator().manual_seed(4)
     k = 5
     anchors = AnchorGenerator(sizes=(16, 32, 64), strides=(8, 16, 32), offset=0.5)([(16, 16), (8, 8), (4, 4)],

@@ -12,6 +12,7 @@ several ranks read every ``num_replicas``-th image (padded to equal shares: call
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import signal
 import weakref
 from collections.abc import Mapping
@@ -102,8 +103,15 @@ class ReportingLoader(torch.utils.data.DataLoader):
 
 @atexit.register  # registered after multiprocessing's exit hook, so it runs before it
 def _shutdown_loaders() -> None:
+    """At exit: stop the workers of every loader still alive. A DataLoader worker left over (its iterator outlived
+    its loader, e.g. held by a traceback) ignores the SIGTERM with which multiprocessing then stops daemonic
+    children, and the exit would wait for it forever: daemonic children still alive get SIGKILL instead."""
     for loader in list(_LOADERS):
         loader.shutdown()
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
+            process.join(timeout=5)
 
 
 def leave_signals_to_the_main_process(worker_id: int = 0) -> None:

@@ -1,4 +1,9 @@
-"""Raw head outputs -> detections per image: top-k per level, decode, clip, class-wise NMS, rescale."""
+"""Raw head outputs -> detections per image: top-k per level, decode, clip, class-wise NMS, rescale.
+
+Two forms of the same steps: ``PostProcessor.__call__`` (a list of per-image results, mapped back to the
+original images: training's evaluation, evaluate, infer) and ``PostProcessor.padded`` (fixed-shape tensors
+``[B, D, ...]`` plus a count, in the resized images' pixels: the graph exported by ``retinanet.export``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from retinanet.boxes import BoxCoder, clip_boxes
 
@@ -41,16 +46,28 @@ class PostProcessor:
         if sum(num_anchors_per_level) != num_anchors:
             raise ValueError(f"postprocess: num_anchors_per_level {list(num_anchors_per_level)} sums to "
                              f"{sum(num_anchors_per_level)}, but the outputs have {num_anchors} anchors")
+        flat = cls_logits.reshape(batch, num_anchors * num_classes)  # [B, A, K] -> [B, A*K]
         scores, anchor_idx, labels = [], [], []
         start = 0
         for count in num_anchors_per_level:
-            logits = cls_logits[:, start:start + count].reshape(batch, count * num_classes)  # [B, A_l, K] -> [B, A_l*K]
-            top, idx = logits.topk(min(self.topk_candidates, count * num_classes), dim=1)  # [B, k]
+            logits = flat[:, start * num_classes:(start + count) * num_classes]  # level l: [B, A_l*K], no copy
+            top, idx = logits.topk(torch.sym_min(self.topk_candidates, count * num_classes), dim=1)  # [B, k]
             scores.append(torch.sigmoid(top.float()))  # sigmoid is monotonic: top-k of logits = of scores
             anchor_idx.append(start + torch.div(idx, num_classes, rounding_mode="floor"))
             labels.append(idx % num_classes)
             start += count
         return torch.cat(scores, 1), torch.cat(anchor_idx, 1), torch.cat(labels, 1)
+
+    def _above_threshold(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
+                         num_anchors_per_level: Sequence[int], sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The candidates above ``score_thresh``, decoded and clipped to ``sizes [B, 2]`` (h, w):
+        ``image index [N], boxes [N, 4], scores [N], labels [N]``."""
+        scores, anchor_idx, labels = self._candidates(cls_logits, num_anchors_per_level)  # [B, C] each
+        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
+        boxes = self.coder.decode(deltas.float(), anchors[anchor_idx])  # [B, C, 4]
+        boxes = clip_boxes(boxes, sizes[:, None, :])  # sizes [B, 2] -> [B, 1, 2]
+        img, cand = (scores > self.score_thresh).nonzero(as_tuple=True)  # [N] each
+        return img, boxes[img, cand], scores[img, cand], labels[img, cand]
 
     @torch.no_grad()
     def __call__(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
@@ -63,13 +80,7 @@ class PostProcessor:
         batch, _, num_classes = cls_logits.shape
         device = cls_logits.device
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).reshape(batch, 2)
-        scores, anchor_idx, labels = self._candidates(cls_logits, num_anchors_per_level)  # [B, C] each
-        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
-        boxes = self.coder.decode(deltas.float(), anchors[anchor_idx])  # [B, C, 4]
-        boxes = clip_boxes(boxes, sizes[:, None, :])  # sizes [B, 2] -> [B, 1, 2]
-
-        img, cand = (scores > self.score_thresh).nonzero(as_tuple=True)  # [N] each
-        boxes, scores, labels = boxes[img, cand], scores[img, cand], labels[img, cand]
+        img, boxes, scores, labels = self._above_threshold(cls_logits, box_deltas, anchors, num_anchors_per_level, sizes)
         keep = batched_nms(boxes, scores, img * num_classes + labels, self.nms_thresh)  # by decreasing score
 
         if scales is not None:
@@ -85,3 +96,49 @@ class PostProcessor:
                 det_boxes = clip_boxes(det_boxes, sizes[b] / scales[b])
             results.append({"boxes": det_boxes, "scores": scores[k], "labels": labels[k]})
         return results
+
+    def padded(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
+               image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The detections of ``__call__`` (``scales=None``) as fixed-shape tensors, in tensor operations only (no
+        loop over images, no branch on the data), so that ``torch.export`` / ONNX capture them for any batch and
+        image size. ``image_sizes [B, 2]`` (h, w) of each resized, un-padded image.
+
+        Returns ``boxes [B, D, 4]`` (xyxy, resized-image pixels), ``scores [B, D]``, ``labels [B, D]`` (int64) and
+        ``num_detections [B]`` (int64), ``D = detections_per_img``; each image's first ``num_detections`` rows
+        hold its detections by decreasing score, the rest are padding (boxes and scores 0, labels -1).
+
+        Class-wise NMS: one ``torchvision.ops.nms`` over every image and class at once, each (image, class) group
+        shifted by ``group * (max(H, W) + 1)`` pixels so that groups never overlap (boxes are clipped to the image,
+        so this bound needs no reduction over the data). ``torchvision.ops.batched_nms``, which ``__call__`` uses,
+        does the same (shifted by the largest coordinate) for up to 1000 boxes on the CPU (25,000 on the GPU) and
+        loops over the groups beyond; the two keep the same boxes unless an IoU lies within float32 rounding of
+        ``nms_thresh`` (the shift costs low bits of the coordinates: ``tests/test_export.py`` compares them).
+        """
+        batch, _, num_classes = cls_logits.shape
+        sizes = image_sizes.to(torch.float32)
+        img, boxes, scores, labels = self._above_threshold(cls_logits, box_deltas, anchors, num_anchors_per_level, sizes)
+        num = boxes.shape[0]
+        span = sizes.max() + 1  # boxes lie inside [0, W] x [0, H] of their image
+        # two sentinels, alone in groups of their own and scored below everything: torchvision's fake (shape)
+        # function of nms declares at least 2 survivors, which torch.export turns into a runtime assert that
+        # 0 or 1 survivors (an empty image) would fail; with the sentinels there are always 2 more, dropped after
+        group = torch.cat([img * num_classes + labels, batch * num_classes + torch.arange(2, device=img.device)])
+        shifted = torch.cat([boxes, boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]]).expand(2, 4)])
+        shifted = shifted + (group.to(boxes.dtype) * span)[:, None]
+        keep = nms(shifted, torch.cat([scores, scores.new_full((2,), -1.0)]), self.nms_thresh)  # by decreasing score
+        keep = keep[keep < num]
+        img, boxes, scores, labels = img[keep], boxes[keep], scores[keep], labels[keep]
+
+        # rank of each kept detection among those of its image (keep is sorted by score): [N]
+        one_hot = (img[:, None] == torch.arange(batch, device=img.device)[None, :]).long()  # [N, B]
+        rank = (one_hot.cumsum(0) - 1).gather(1, img[:, None]).squeeze(1)  # [N, B] -> [N, 1] -> [N]
+        take = rank < self.detections_per_img
+        img, rank = img[take], rank[take]
+        out_boxes = boxes.new_zeros((batch, self.detections_per_img, 4))
+        out_scores = scores.new_zeros((batch, self.detections_per_img))
+        out_labels = labels.new_full((batch, self.detections_per_img), -1)
+        out_boxes[img, rank] = boxes[take]
+        out_scores[img, rank] = scores[take]
+        out_labels[img, rank] = labels[take]
+        count = one_hot.sum(0).clamp(max=self.detections_per_img)  # [B]
+        return out_boxes, out_scores, out_labels, count

@@ -89,11 +89,7 @@ class PostProcessor:
         results = []
         for b in range(batch):
             k = keep[img[keep] == b][: self.detections_per_img]
-            det_boxes = boxes[k]
-            if scales is not None:
-                sy, sx = scales[b, 0], scales[b, 1]
-                det_boxes = det_boxes / torch.stack([sx, sy, sx, sy])
-                det_boxes = clip_boxes(det_boxes, sizes[b] / scales[b])
+            det_boxes = boxes[k] if scales is None else to_original(boxes[k], sizes[b], scales[b])
             results.append({"boxes": det_boxes, "scores": scores[k], "labels": labels[k]})
         return results
 
@@ -142,3 +138,10 @@ class PostProcessor:
         out_labels[img, rank] = labels[take]
         count = one_hot.sum(0).clamp(max=self.detections_per_img)  # [B]
         return out_boxes, out_scores, out_labels, count
+
+
+def to_original(boxes: Tensor, size: Tensor, scale: Tensor) -> Tensor:
+    """Boxes ``[N, 4]`` of a resized image of ``size`` (h, w) -> the original image's pixels: divided by ``scale``
+    (sy, sx) = resized / original, clipped to the original size."""
+    sy, sx = scale[0], scale[1]
+    return clip_boxes(boxes / torch.stack([sx, sy, sx, sy]), size / scale)

@@ -10,9 +10,9 @@ Two graphs (``graph=``):
   -1 = padding) and ``num_detections [B]``: ``PostProcessor.padded`` in the graph (decode, score threshold,
   top-k per level, class-wise NMS, ``D = detections_per_img``), anchors computed from the input size.
 
-Both take any batch size and any H, W that are multiples of ``size_divisible`` (dynamic axes; the parity
-tests run two sizes and two batch sizes). Images are RGB, resized by the sidecar's rule and zero-padded
-bottom / right; normalisation (ImageNet mean / std) happens inside the graph. Everything is exported in
+Both take any batch size and image size (dynamic axes; the parity tests run several of each). Images are
+RGB, resized by the sidecar's rule and zero-padded bottom / right to multiples of ``size_divisible``, as in
+training and evaluation; normalisation (ImageNet mean / std) happens inside the graph. Everything is exported in
 fp32 on the CPU from the weights ``Detector.from_checkpoint`` runs (the EMA weights when the run kept them).
 
 ``end2end`` is exported for ``onnx`` and ``torch_export`` only: TorchScript's tracer would freeze the sizes
@@ -99,8 +99,10 @@ def example_inputs(detector, graph: str, batch: int = 2, blocks: tuple[int, int]
     return images, sizes
 
 
-def _dynamic_shapes(detector, graph: str) -> dict:
-    """Dynamic batch, and H / W any multiple of ``size_divisible`` up to ``MAX_SIDE``."""
+def _dynamic_shapes(graph: str) -> dict:
+    """Dynamic batch, height and width (up to ``MAX_SIDE``). The graph computes any size correctly (anchors from
+    the feature maps it produced); the sidecar asks for multiples of ``size_divisible``, what the network was
+    trained and evaluated on (the padding of ``Collate``)."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     height = torch.export.Dim("height", min=1, max=MAX_SIDE)
     width = torch.export.Dim("width", min=1, max=MAX_SIDE)
@@ -120,7 +122,7 @@ def export_program(detector, graph: str) -> torch.export.ExportedProgram:
     import torch.fx.experimental._config as fx_config
 
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(module, example_inputs(detector, graph), dynamic_shapes=_dynamic_shapes(detector, graph))
+        return torch.export.export(module, example_inputs(detector, graph), dynamic_shapes=_dynamic_shapes(graph))
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -188,17 +190,33 @@ def sidecar(detector, fmt: str, graph: str, model_path: Path, checkpoint, weight
     }
 
 
+def _onnx_translations() -> dict:
+    """Our custom op in ONNX: ``retinanet::class_nms`` is ``NonMaxSuppression`` (per batch and class, exact)."""
+    from onnxscript import opset18 as op
+
+    from retinanet.postprocess import class_nms  # noqa: F401  (registers torch.ops.retinanet.class_nms)
+
+    def class_nms_onnx(boxes, scores, iou_threshold: float):
+        # boxes [B, N, 4] (corners, center_point_box=0), scores [B, K, N]; negative scores are not candidates
+        return op.NonMaxSuppression(boxes, scores, op.Constant(value_ints=[2**62]),
+                                    op.Constant(value_floats=[iou_threshold]), op.Constant(value_floats=[-0.5]))
+
+    return {torch.ops.retinanet.class_nms.default: class_nms_onnx}
+
+
 @contextlib.contextmanager
 def _quiet_exporters():
-    """The exporters' chatter off: onnx_ir's INFO lines (one per deduplicated constant), torch's notice, on every
+    """The exporters' chatter off: onnx_ir's INFO lines (one per deduplicated constant) and its warning that an
+    empty attribute list defaults to ints (from torchlib's own translations), torch's notice, on every
     torch.jit call, that TorchScript is deprecated (the docs say so once), torchvision's own deprecation notice in
     its nms shape function, and the tracer's note on GroupNorm's input check (``size_prods == 1``: a validation,
     not data flow; ``check_export`` runs the traced file at other sizes)."""
-    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    loggers = {logging.getLogger(name): level for name, level in
+               (("onnx_ir", logging.ERROR), ("onnxscript", logging.WARNING), ("torch.onnx", logging.WARNING))}
     levels = [lg.level for lg in loggers]
     try:
-        for lg in loggers:
-            lg.setLevel(logging.WARNING)
+        for lg, level in loggers.items():
+            lg.setLevel(level)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
             warnings.filterwarnings("ignore", message="`create_unbacked_symint` is deprecated", category=FutureWarning)
@@ -247,7 +265,8 @@ def export_detector(detector, fmt: str, graph: str, path: str | os.PathLike, che
                 else:
                     onnx_program = torch.onnx.export(program, f=None, input_names=list(INPUT_NAMES[graph]),
                                                      output_names=list(OUTPUT_NAMES[graph]), opset_version=ONNX_OPSET,
-                                                     external_data=False, dynamo=True, verbose=False)
+                                                     external_data=False, dynamo=True, verbose=False,
+                                                     custom_translation_table=_onnx_translations())
                     onnx_program.save(str(tmp), external_data=False)
         os.replace(tmp, path)
     finally:

@@ -58,16 +58,14 @@ class PostProcessor:
             start += count
         return torch.cat(scores, 1), torch.cat(anchor_idx, 1), torch.cat(labels, 1)
 
-    def _above_threshold(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
-                         num_anchors_per_level: Sequence[int], sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The candidates above ``score_thresh``, decoded and clipped to ``sizes [B, 2]`` (h, w):
-        ``image index [N], boxes [N, 4], scores [N], labels [N]``."""
+    def _decoded(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
+                 sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-k candidates of every level, decoded and clipped to ``sizes [B, 2]`` (h, w):
+        ``boxes [B, C, 4], scores [B, C], labels [B, C]``."""
         scores, anchor_idx, labels = self._candidates(cls_logits, num_anchors_per_level)  # [B, C] each
         deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
         boxes = self.coder.decode(deltas.float(), anchors[anchor_idx])  # [B, C, 4]
-        boxes = clip_boxes(boxes, sizes[:, None, :])  # sizes [B, 2] -> [B, 1, 2]
-        img, cand = (scores > self.score_thresh).nonzero(as_tuple=True)  # [N] each
-        return img, boxes[img, cand], scores[img, cand], labels[img, cand]
+        return clip_boxes(boxes, sizes[:, None, :]), scores, labels  # sizes [B, 2] -> [B, 1, 2]
 
     @torch.no_grad()
     def __call__(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
@@ -80,7 +78,9 @@ class PostProcessor:
         batch, _, num_classes = cls_logits.shape
         device = cls_logits.device
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).reshape(batch, 2)
-        img, boxes, scores, labels = self._above_threshold(cls_logits, box_deltas, anchors, num_anchors_per_level, sizes)
+        boxes, scores, labels = self._decoded(cls_logits, box_deltas, anchors, num_anchors_per_level, sizes)
+        img, cand = (scores > self.score_thresh).nonzero(as_tuple=True)  # [N] each
+        boxes, scores, labels = boxes[img, cand], scores[img, cand], labels[img, cand]
         keep = batched_nms(boxes, scores, img * num_classes + labels, self.nms_thresh)  # by decreasing score
 
         if scales is not None:
@@ -103,29 +103,24 @@ class PostProcessor:
         ``num_detections [B]`` (int64), ``D = detections_per_img``; each image's first ``num_detections`` rows
         hold its detections by decreasing score, the rest are padding (boxes and scores 0, labels -1).
 
-        Class-wise NMS: one ``torchvision.ops.nms`` over every image and class at once, each (image, class) group
-        shifted by ``group * (max(H, W) + 1)`` pixels so that groups never overlap (boxes are clipped to the image,
-        so this bound needs no reduction over the data). ``torchvision.ops.batched_nms``, which ``__call__`` uses,
-        does the same (shifted by the largest coordinate) for up to 1000 boxes on the CPU (25,000 on the GPU) and
-        loops over the groups beyond; the two keep the same boxes unless an IoU lies within float32 rounding of
-        ``nms_thresh`` (the shift costs low bits of the coordinates: ``tests/test_export.py`` compares them).
+        The same candidates and threshold as ``__call__``; the class-wise NMS is ``class_nms`` (exact per image
+        and class: ONNX ``NonMaxSuppression`` in an exported graph), where ``__call__``'s ``batched_nms`` shifts
+        the boxes of each class apart when it has up to 1000 boxes on the CPU (which costs low bits of the
+        coordinates: an IoU within ~1e-5 of ``nms_thresh`` may then be decided the other way).
         """
         batch, _, num_classes = cls_logits.shape
-        sizes = image_sizes.to(torch.float32)
-        img, boxes, scores, labels = self._above_threshold(cls_logits, box_deltas, anchors, num_anchors_per_level, sizes)
-        num = boxes.shape[0]
-        span = sizes.max() + 1  # boxes lie inside [0, W] x [0, H] of their image
-        # two sentinels, alone in groups of their own and scored below everything: torchvision's fake (shape)
-        # function of nms declares at least 2 survivors, which torch.export turns into a runtime assert that
-        # 0 or 1 survivors (an empty image) would fail; with the sentinels there are always 2 more, dropped after
-        group = torch.cat([img * num_classes + labels, batch * num_classes + torch.arange(2, device=img.device)])
-        shifted = torch.cat([boxes, boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]]).expand(2, 4)])
-        shifted = shifted + (group.to(boxes.dtype) * span)[:, None]
-        keep = nms(shifted, torch.cat([scores, scores.new_full((2,), -1.0)]), self.nms_thresh)  # by decreasing score
-        keep = keep[keep < num]
-        img, boxes, scores, labels = img[keep], boxes[keep], scores[keep], labels[keep]
+        boxes, scores, labels = self._decoded(cls_logits, box_deltas, anchors, num_anchors_per_level,
+                                              image_sizes.to(torch.float32))
+        # candidate c of image b scores in row labels[b, c] only; -1 = not a box of that class or below threshold
+        scored = torch.where(scores > self.score_thresh, scores, -1.0)  # [B, C]
+        per_class = scores.new_full((batch, num_classes, scores.shape[1]), -1.0)
+        per_class = per_class.scatter(1, labels[:, None, :], scored[:, None, :])  # [B, K, C]
+        img, labels, cand = class_nms(boxes, per_class, self.nms_thresh).unbind(1)  # [N] each
+        boxes, scores = boxes[img, cand], scores[img, cand]
+        order = scores.argsort(descending=True)
+        img, labels, boxes, scores = img[order], labels[order], boxes[order], scores[order]
 
-        # rank of each kept detection among those of its image (keep is sorted by score): [N]
+        # rank of each detection among those of its image, in order of decreasing score: [N]
         one_hot = (img[:, None] == torch.arange(batch, device=img.device)[None, :]).long()  # [N, B]
         rank = (one_hot.cumsum(0) - 1).gather(1, img[:, None]).squeeze(1)  # [N, B] -> [N, 1] -> [N]
         take = rank < self.detections_per_img
@@ -138,6 +133,27 @@ class PostProcessor:
         out_labels[img, rank] = labels[take]
         count = one_hot.sum(0).clamp(max=self.detections_per_img)  # [B]
         return out_boxes, out_scores, out_labels, count
+
+
+@torch.library.custom_op("retinanet::class_nms", mutates_args=())
+def class_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """NMS per image and per class: ``boxes [B, N, 4]`` (xyxy), ``scores [B, K, N]`` (negative: box n is not of
+    class k) -> ``[M, 3]`` int64 rows (image, class, box index) of the boxes kept, image by image, class by class,
+    each by decreasing score: the semantics of ONNX ``NonMaxSuppression``, which it becomes in an exported graph
+    (``retinanet.export``). Here: ``torchvision.ops.nms`` per (image, class), exact like the group loop of
+    ``batched_nms``."""
+    rows = [torch.zeros((0, 3), dtype=torch.int64, device=boxes.device)]
+    for b, k in (scores >= 0).any(-1).nonzero().tolist():  # the (image, class) pairs with boxes
+        idx = (scores[b, k] >= 0).nonzero().squeeze(1)
+        keep = idx[nms(boxes[b, idx], scores[b, k, idx], iou_threshold)]
+        rows.append(torch.stack([torch.full_like(keep, b), torch.full_like(keep, k), keep], 1))
+    return torch.cat(rows)
+
+
+@class_nms.register_fake
+def _class_nms_shape(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    kept = torch.library.get_ctx().new_dynamic_size()  # 0 or more: data-dependent
+    return boxes.new_empty((kept, 3), dtype=torch.int64)
 
 
 def to_original(boxes: Tensor, size: Tensor, scale: Tensor) -> Tensor:

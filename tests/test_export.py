@@ -255,13 +255,15 @@ def test_export_refuses_what_cannot_work(sharp_ckpt, tmp_path):
     assert not any(p.suffix in (".pt", ".pt2") for p in tmp_path.iterdir())  # nothing half-written left behind
 
 
-def test_check_export_catches_a_wrong_file(sharp_ckpt, onnx_files, tmp_path):
+@pytest.mark.parametrize("graph, head, complaint", [("raw", "cls_head", "cls_logits"),
+                                                     ("end2end", "box_head", "detections without a match")])
+def test_check_export_catches_a_wrong_file(sharp_ckpt, onnx_files, graph, head, complaint):
     """The export's own check (scripts/export.py check=true) fails on a file that computes something else."""
     other = fp32_detector(sharp_ckpt)
     with torch.no_grad():
-        other.model.cls_head.predictor.bias += 0.01
-    with pytest.raises(ExportError, match=r"differs from PyTorch .*cls_logits"):
-        check_export(other, "onnx", "raw", onnx_files[0]["raw"])
+        getattr(other.model, head).predictor.bias += 0.01  # logits by 0.01, or boxes by about 0.01 anchor sizes
+    with pytest.raises(ExportError, match=f"differs from PyTorch .*{complaint}"):
+        check_export(other, "onnx", graph, onnx_files[0][graph])
 
 
 def test_infer_on_the_exported_onnx_gives_the_checkpoints_detections(sharp_ckpt, tiny_run, onnx_files, tmp_path):

@@ -93,7 +93,7 @@ class AnchorGenerator:
 
     def num_anchors_per_level(self, feature_shapes: Sequence[Sequence[int]]) -> list[int]:
         """``[H_l * W_l * A for each level]``: how to split ``[B, A_total, ...]`` per level."""
-        return [int(h) * int(w) * self.num_anchors_per_location for h, w in feature_shapes]
+        return [h * w * self.num_anchors_per_location for h, w in feature_shapes]  # ints, or symbolic sizes in export
 
     def for_image(self, image_hw: Sequence[int], device: torch.device | str | None = None) -> Tensor:
         """Anchors ``[A_total, 4]`` of a padded input of size ``image_hw``, before any forward pass."""
@@ -116,16 +116,22 @@ class AnchorGenerator:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if len(shapes) != len(self.cell_anchors):
-            raise ValueError(f"anchors: got {len(shapes)} feature maps {list(shapes)} but anchors are configured "
-                             f"for {len(self.cell_anchors)} levels (sizes {list(self.sizes)})")
-        levels = [self._grid(cell, shape, stride, key[1])
-                  for cell, shape, stride in zip(self.cell_anchors, shapes, self.strides)]
-        anchors = torch.cat(levels).to(device=key[2], dtype=dtype)
+        anchors = self.grid(shapes, key[1], key[2], dtype)
         self._cache[key] = anchors
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return anchors
+
+    def grid(self, feature_shapes: Sequence[Sequence[int]], image_hw: Sequence[int],
+             device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``__call__`` without the cache: tensor ops on the sizes only, so an exported graph (``retinanet.export``)
+        computes the anchors of whatever input size it is given (sizes may be symbolic there)."""
+        if len(feature_shapes) != len(self.cell_anchors):
+            raise ValueError(f"anchors: got {len(feature_shapes)} feature maps {list(feature_shapes)} but anchors are "
+                             f"configured for {len(self.cell_anchors)} levels (sizes {list(self.sizes)})")
+        levels = [self._grid(cell, shape, stride, image_hw)
+                  for cell, shape, stride in zip(self.cell_anchors, feature_shapes, self.strides)]
+        return torch.cat(levels).to(device=device, dtype=dtype)
 
     def _grid(self, cell: Tensor, shape: tuple[int, int], stride: float, image_hw: tuple[int, int]) -> Tensor:
         """Cell anchors ``[A, 4]`` shifted to every location of an ``(h, w)`` map -> ``[h*w*A, 4]``."""

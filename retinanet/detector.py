@@ -160,19 +160,7 @@ class Detector:
         """Every image of ``loader`` -> ``(detections, image ids, mean losses)`` (losses: {} without a
         ``criterion``). Each detection also holds ``orig_size`` (h, w) of its image."""
         self.model.eval()
-        detections, image_ids, sums, batches = [], [], {}, 0
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            if len(batch) == 0:  # every image of the batch was skipped
-                continue
-            dets, losses = self.detect_batch(batch, criterion)
-            for det, size in zip(dets, batch.orig_sizes.tolist()):
-                det["orig_size"] = tuple(size)
-                detections.append(det)
-            image_ids.extend(batch.image_ids.tolist())
-            for k, v in (losses or {}).items():
-                sums[k] = sums.get(k, 0.0) + v
-            batches += 1
-        return detections, image_ids, {k: v / max(1, batches) for k, v in sums.items()}
+        return detect_loader(lambda batch: self.detect_batch(batch, criterion), loader, progress, desc)
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 8):
@@ -215,6 +203,25 @@ class Detector:
             f"{dataset.ann_file}: its classes do not match the checkpoint's. Checkpoint (id, name): {ours}; dataset: "
             f"{theirs}. Missing from the dataset: {missing or 'none'}; not known to the checkpoint: "
             f"{extra or 'none'}. Evaluate on data annotated with the same classes (names must match; ids may differ).")
+
+
+def detect_loader(detect_batch, loader, progress: bool = True, desc: str = "detect") -> tuple[list[dict], list[int], dict]:
+    """``detect_batch(batch) -> (detections, losses or None)`` over every batch of ``loader`` -> ``(detections,
+    image ids, mean losses)``; each detection also holds ``orig_size`` (h, w). ``Detector.detect`` and the
+    exported-model runner (``retinanet.onnx_detector``) share it."""
+    detections, image_ids, sums, batches = [], [], {}, 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        if len(batch) == 0:  # every image of the batch was skipped
+            continue
+        dets, losses = detect_batch(batch)
+        for det, size in zip(dets, batch.orig_sizes.tolist()):
+            det["orig_size"] = tuple(size)
+            detections.append(det)
+        image_ids.extend(batch.image_ids.tolist())
+        for k, v in (losses or {}).items():
+            sums[k] = sums.get(k, 0.0) + v
+        batches += 1
+    return detections, image_ids, {k: v / max(1, batches) for k, v in sums.items()}
 
 
 def checkpoint_weights(ckpt: Mapping, weights: str = "auto", path="checkpoint") -> dict:

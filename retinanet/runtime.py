@@ -81,6 +81,31 @@ def chunk_elements(device: torch.device) -> int:
     return 2**18 if device.type == "cpu" else 2**25
 
 
+INFERENCE_PRECISIONS = ("auto", "32", "bf16", "fp16")
+
+
+def inference_dtype(precision, device: torch.device, default: torch.dtype | None = None) -> torch.dtype | None:
+    """``precision=`` of inference -> the autocast dtype (None: fp32). ``auto``: ``default`` (the checkpoint's own
+    ``trainer.precision``, as resolved by ``precision_setup``). bf16 and fp16 only where the device computes them
+    natively (``native_bf16``; fp16: CUDA), else a ``ConfigError``: emulated, they would be slower than fp32."""
+    precision = str(precision)
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {list(INFERENCE_PRECISIONS)}")
+    if precision == "auto":
+        return default
+    if precision == "32":
+        return None
+    if precision == "bf16" and not native_bf16(device):
+        what = "AVX512-BF16 or AMX" if device.type == "cpu" else "an Ampere or newer GPU"
+        raise ConfigError(f"precision=bf16: this {device.type} does not compute bf16 natively (that needs {what}); "
+                          "emulated it is slower than fp32. Use precision=32")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision=fp16 needs a CUDA device (device={device}: CPUs compute fp16 by emulation, slower "
+                          "than fp32). Use precision=32, or precision=bf16 on a CPU with native bf16")
+    dtype, _ = precision_setup("bf16-mixed" if precision == "bf16" else "16-mixed", device, quiet=True)
+    return dtype
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to ``dtype`` on ``device`` (a no-op context for full precision)."""
     if dtype is None:

@@ -62,8 +62,9 @@ def strided_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     NCHW and NHWC alike; sides of 2 or more, and stride 1, are fine). P6 of an image padded to 32 px
     and P7 of one padded to 64 px are such maps. They are tiny, so fp32 costs nothing measurable.
     """
-    if x.device.type == "cpu" and min(x.shape[-2:]) == 1 and torch.is_autocast_enabled("cpu") \
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+    # autocast first: in fp32 (and in an exported graph) the shape is never looked at, so no guard on it
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 \
+            and x.device.type == "cpu" and min(x.shape[-2:]) == 1:
         with torch.autocast("cpu", enabled=False):
             return conv(x.float())
     return conv(x)

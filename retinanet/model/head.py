@@ -42,9 +42,11 @@ class Subnet(nn.Module):
         for f in feats:
             y = self.predictor(self.tower(f))
             b, _, h, w = y.shape
-            # [B, A*C, H, W] -> [B, A, C, H, W] -> [B, H, W, A, C] -> [B, H*W*A, C]
-            y = y.view(b, self.num_anchors, self.out_per_anchor, h, w).permute(0, 3, 4, 1, 2)
-            outs.append(y.reshape(b, h * w * self.num_anchors, self.out_per_anchor))
+            # [B, A*C, H, W] -> [B, H, W, A*C] (channel a*C + c) -> [B, H*W*A, C]. The clone is the copy reshape
+            # would make; unlike reshape (or contiguous()) it decides nothing from the sizes, which a 1 x 1 map
+            # (P7 of a small image) would fix in an exported graph; the view of its result is always possible
+            y = y.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)
+            outs.append(y.view(b, h * w * self.num_anchors, self.out_per_anchor))
         return torch.cat(outs, dim=1)  # level-major: [B, A_total, C]
 
 

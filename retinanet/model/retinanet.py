@@ -69,5 +69,5 @@ class RetinaNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> RetinaNetOutput:
         feats = self.fpn(self.backbone(self.normalize(images)))
-        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+        shapes = [(f.shape[-2], f.shape[-1]) for f in feats]  # ints (symbolic sizes while exporting)
         return RetinaNetOutput(self.cls_head(feats), self.box_head(feats), shapes)

@@ -1,0 +1,157 @@
+"""scripts/infer.py on real inputs: a list of files, folders and globs; a video (written here frame by frame with
+cv2.VideoWriter) giving per-frame detections and a rendered mp4; ``precision=`` refused where it would be emulated."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retinanet.detector import Detector
+from retinanet.errors import ConfigError
+from retinanet.inference import InputError, find_inputs, load_detector
+from retinanet.video import read_frames, video_info
+
+from test_evaluate_infer import compose_cfg, load_script
+
+LOW = {"score_thresh": 0.001}
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_run, tmp_path_factory):
+    """Two folders of images and a note: a/0.png a/1.png a/notes.txt b/deep/2.png b/deep/3.jpg (a PNG inside)."""
+    root = tmp_path_factory.mktemp("inputs")
+    src = sorted((tiny_run.root / "val").glob("*.png"))
+    (root / "a").mkdir()
+    (root / "b" / "deep").mkdir(parents=True)
+    shutil.copy(src[0], root / "a" / "0.png")
+    shutil.copy(src[1], root / "a" / "1.png")
+    (root / "a" / "notes.txt").write_text("not an image")
+    shutil.copy(src[2], root / "b" / "deep" / "2.png")
+    shutil.copy(src[3], root / "b" / "deep" / "3.jpg")
+    return root
+
+
+def test_find_inputs_takes_lists_of_files_folders_and_globs(photos):
+    specs = [str(photos / "a"), str(photos / "b" / "**" / "*.png"), str(photos / "a" / "1.png"),
+             str(photos / "b" / "deep" / "3.jpg")]
+    images, videos, skipped = find_inputs(specs)
+    assert [name for _, name in images] == ["a/0.png", "a/1.png", "b/deep/2.png", "b/deep/3.jpg"]  # 1.png once
+    assert videos == [] and skipped == [photos / "a" / "notes.txt"]
+    images, _, _ = find_inputs(str(photos / "a"))  # one folder: names relative to it, as before
+    assert [name for _, name in images] == ["0.png", "1.png"]
+    (photos / "clip.MOV").write_bytes(b"")
+    try:
+        _, videos, _ = find_inputs([str(photos / "*.MOV"), str(photos / "a" / "0.png")])
+        assert videos == [(photos / "clip.MOV", "clip.MOV")]
+    finally:
+        (photos / "clip.MOV").unlink()
+    with pytest.raises(InputError, match=r"glob '.*\*\.gif' holds no image file and no video"):
+        find_inputs([str(photos / "a"), str(photos / "*.gif")])  # the spec that names nothing is named
+    with pytest.raises(InputError, match=r"input='.*nope' does not exist"):
+        find_inputs([str(photos / "a"), str(photos / "nope")])
+
+
+def test_infer_on_a_list_from_the_command_line(tiny_run, photos, tmp_path):
+    infer = load_script("infer")
+    out = tmp_path / "out"
+    glob_spec = str(photos / "b" / "**" / "*.png")
+    cfg = compose_cfg("infer", [f"checkpoint={tiny_run.checkpoint}", f"input=[{photos / 'a'},'{glob_spec}']",
+                                f"output={out}", "progress=false", "render=false", "batch_size=1"])  # no padding
+    result = infer.run(cfg, out, LOW)
+    assert result["input"] == [str(photos / "a"), glob_spec]
+    assert [img["file_name"] for img in result["images"]] == ["a/0.png", "a/1.png", "b/deep/2.png"]
+    assert result["skipped_files"] == [str(photos / "a" / "notes.txt")] and result["videos"] == []
+    # each image's detections are those of a run on that image alone
+    single = infer.run(compose_cfg("infer", [f"checkpoint={tiny_run.checkpoint}", f"input={photos / 'b' / 'deep' / '2.png'}",
+                                             f"output={tmp_path / 'one'}", "progress=false", "render=false"]),
+                       tmp_path / "one", LOW)
+    ours = [(a["category_id"], a["bbox"], a["score"]) for a in result["annotations"] if a["file_name"] == "b/deep/2.png"]
+    assert ours == [(a["category_id"], a["bbox"], a["score"]) for a in single["annotations"]] and ours
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_run, tmp_path_factory):
+    """A 5-frame MJPEG .avi of four val images (resized to 160 x 120) and a repeat, at 4 frames/s."""
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    src = sorted((tiny_run.root / "val").glob("*.png"))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 4.0, (160, 120))
+    assert writer.isOpened()
+    for p in src[:4] + src[:1]:
+        rgb = np.asarray(Image.open(p).convert("RGB").resize((160, 120)))
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def test_infer_on_a_video_writes_per_frame_detections_and_a_rendered_mp4(tiny_run, photos, clip, tmp_path):
+    infer = load_script("infer")
+    out = tmp_path / "out"
+    cfg = compose_cfg("infer", [f"checkpoint={tiny_run.checkpoint}", f"input=[{clip},{photos / 'a' / '0.png'}]",
+                                f"output={out}", "progress=false", "batch_size=2", "render_score_thresh=0.001"])
+    result = infer.run(cfg, out, LOW)
+    (image,), (video,) = result["images"], result["videos"]
+    common = clip.parent.parent  # the inputs' shared folder: names are relative to it
+    assert image["file_name"] == (photos / "a" / "0.png").relative_to(common).as_posix()
+    assert video["file_name"] == clip.relative_to(common).as_posix()
+    assert video["num_frames"] == 5 and video["fps"] == 4.0 and (video["width"], video["height"]) == (160, 120)
+    per_frame = json.loads((out / video["detections_file"]).read_text())
+    assert [f["frame"] for f in per_frame["frames"]] == [0, 1, 2, 3, 4]
+    assert [f["time"] for f in per_frame["frames"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert video["detections"] == sum(len(f["annotations"]) for f in per_frame["frames"]) > 0
+
+    # the detections of each frame are the Detector's on that decoded frame (batch of one)
+    detector = Detector.from_checkpoint(tiny_run.checkpoint, "cpu", postprocess=LOW)
+    frames = list(read_frames(clip))
+    for frame, record in zip(frames, per_frame["frames"]):
+        det = detector.predict(frame)
+        boxes = det["boxes"].double().numpy()
+        got = np.array([a["bbox"] for a in record["annotations"]])
+        assert len(got) == len(boxes)
+        np.testing.assert_allclose(got[:, :2], boxes[:, :2], atol=0.01)
+        assert [a["category_id"] for a in record["annotations"]] == [detector.category_ids[k] for k in det["labels"]]
+    first, again = per_frame["frames"][0]["annotations"], per_frame["frames"][4]["annotations"]  # the same picture
+    assert [a["category_id"] for a in first] == [a["category_id"] for a in again]
+    np.testing.assert_allclose([a["bbox"] for a in first], [a["bbox"] for a in again], atol=0.011)
+
+    rendered = out / video["rendered_file"]
+    assert rendered.suffix == ".mp4" and video_info(rendered)["width"] == 160
+    drawn = list(read_frames(rendered))
+    assert len(drawn) == 5 and drawn[0].shape == (120, 160, 3)
+    assert np.abs(drawn[0].astype(int) - frames[0].astype(int)).mean() > 1  # boxes drawn (beyond codec noise)
+
+
+def test_unreadable_video_is_reported_not_fatal(tiny_run, photos, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 100)
+    infer = load_script("infer")
+    cfg = compose_cfg("infer", [f"checkpoint={tiny_run.checkpoint}", f"input=[{broken},{photos / 'a' / '0.png'}]",
+                                "progress=false", "render=false"])
+    result = infer.run(cfg, tmp_path / "out", LOW)
+    assert result["unreadable_files"] == [str(broken)] and len(result["images"]) == 1 and result["videos"] == []
+
+
+def test_precision_runs_natively_or_is_refused(tiny_run, monkeypatch):
+    from retinanet import runtime
+
+    assert load_detector(tiny_run.checkpoint, "cpu", precision=32).autocast_dtype is None
+    with pytest.raises(ConfigError, match="precision=fp16 needs a CUDA device"):
+        load_detector(tiny_run.checkpoint, "cpu", precision="fp16")
+    with pytest.raises(ConfigError, match="precision='fp8' is not one of"):
+        load_detector(tiny_run.checkpoint, "cpu", precision="fp8")
+    with pytest.raises(ConfigError, match="precision=bf16: .*exported in fp32"):
+        load_detector(tiny_run.checkpoint.with_suffix(".onnx"), "cpu", precision="bf16")
+    if runtime.native_bf16(torch.device("cpu")):
+        detector = load_detector(tiny_run.checkpoint, "cpu", postprocess=LOW, precision="bf16")
+        assert detector.autocast_dtype == torch.bfloat16
+        image = np.asarray(Image.open(next((tiny_run.root / "val").glob("*.png"))).convert("RGB"))
+        bf16 = detector.predict(image)
+        detector.autocast_dtype = None
+        fp32 = detector.predict(image)
+        assert len(bf16["scores"]) > 0 and abs(float(bf16["scores"][0]) - float(fp32["scores"][0])) < 0.01
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    with pytest.raises(ConfigError, match="precision=bf16: this cpu does not compute bf16 natively"):
+        load_detector(tiny_run.checkpoint, "cpu", precision="bf16")

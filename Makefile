@@ -7,7 +7,7 @@ ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install train test test-fast bench plots lint clean sweep-demo
+.PHONY: help install train test test-fast bench bench-real plots lint clean sweep-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ plots: $(STAMP)  ## plot the focal loss and its gradient (paper Figure 1) to out
 
 bench: $(STAMP)  ## ours vs torchvision side by side: prints the table, writes outputs/bench/bench.json (ARGS="--threads 1")
 	$(PY) benchmarks/bench.py $(ARGS)
+
+bench-real: $(STAMP)  ## ours (README own-data command) vs a torchvision script on BCCD, 600 s each on one core (ARGS="--runs 2")
+	$(PY) benchmarks/real/run.py $(ARGS)
 
 lint: $(STAMP)  ## ruff (rules in pyproject.toml) over the package, scripts, benchmarks and tests
 	$(PY) -m ruff check retinanet scripts benchmarks tests

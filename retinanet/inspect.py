@@ -61,9 +61,10 @@ def _resized_boxes(dataset, i: int, min_size, max_size, size_divisible: int, min
 
 
 def best_anchor_iou(dataset, anchors, min_size: int | None, max_size: int | None, size_divisible: int,
-                    max_images: int | None = None, max_boxes: int = 2000) -> np.ndarray:
+                    max_images: int | None = None, max_boxes: int = 2000, with_labels: bool = False):
     """The best IoU of each non-crowd box with the anchors of its padded, resized image (boxes the transform
-    would drop count as 0), for at most ``max_boxes`` boxes (evenly spaced) of ``max_images`` images.
+    would drop count as 0), for at most ``max_boxes`` boxes (evenly spaced) of ``max_images`` images;
+    ``with_labels``: (ious, the boxes' labels).
 
     Images of one padded size share one anchor grid: the IoUs are computed per size, in chunks of boxes, so a
     search over many anchor settings stays fast (``retinanet.recipe``)."""
@@ -71,15 +72,14 @@ def best_anchor_iou(dataset, anchors, min_size: int | None, max_size: int | None
     index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round().astype(int)
     by_pad: dict[tuple, list] = {}
     for i in index.tolist():
-        boxes, _, crowd, pad, alive = _resized_boxes(dataset, i, min_size, max_size, size_divisible)
+        boxes, labels, crowd, pad, alive = _resized_boxes(dataset, i, min_size, max_size, size_divisible)
         keep = ~crowd
-        by_pad.setdefault(pad, []).append((boxes[keep], alive[keep]))
-    groups = [(pad, np.concatenate([b for b, _ in items]), np.concatenate([a for _, a in items]))
-              for pad, items in by_pad.items()]
-    total = sum(len(b) for _, b, _ in groups)
+        by_pad.setdefault(pad, []).append((boxes[keep], alive[keep], np.asarray(labels)[keep]))
+    groups = [(pad, *(np.concatenate([item[k] for item in items]) for k in range(3))) for pad, items in by_pad.items()]
+    total = sum(len(b) for _, b, _, _ in groups)
     stride = max(1, int(np.ceil(total / max_boxes)))
-    best = []
-    for pad, boxes, alive in groups:
+    best, best_labels = [], []
+    for pad, boxes, alive, labels in groups:
         boxes, alive = boxes[::stride], alive[::stride]
         iou = np.zeros(len(boxes))
         if alive.any():
@@ -87,7 +87,11 @@ def best_anchor_iou(dataset, anchors, min_size: int | None, max_size: int | None
             live = torch.from_numpy(boxes[alive])
             iou[alive] = torch.cat([pairwise_iou(chunk, grid).amax(dim=1) for chunk in live.split(256)]).numpy()
         best.append(iou)
-    return np.concatenate(best) if best else np.zeros(0)
+        best_labels.append(labels[::stride])
+    ious = np.concatenate(best) if best else np.zeros(0)
+    if with_labels:
+        return ious, (np.concatenate(best_labels) if best_labels else np.zeros(0, dtype=np.int64))
+    return ious
 
 
 def anchor_coverage(dataset, anchors, matcher: Matcher, min_size: int | None, max_size: int | None,

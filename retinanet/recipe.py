@@ -9,7 +9,9 @@ box sizes and aspect ratios, read from the annotations: nothing is decoded), the
   device's cap, never larger than the images;
 - the anchor sizes (``model.anchors.sizes``): the scale of the preset's sizes that gives the largest share
   of boxes an anchor at IoU >= ``loss.matcher.fg_iou`` (at least ``recipe.coverage`` when possible, measured
-  on the padded, resized images as in training), the one closest to the preset on ties;
+  on the padded, resized images as in training), the one closest to the preset on ties. The share is the
+  mean over the classes of each class's share: COCO AP averages over classes, so a rare class of small
+  objects counts as much as a common one of large objects;
 - the learning rate and weight decay (``optim.lr`` / ``optim.weight_decay``): from scratch or fine-tuning
   (an ImageNet backbone via ``model.net.weights`` or a whole detector via ``model.init_from``);
 - the run length (``trainer.epochs``): with ``trainer.time_limit``, as many steps as fit (null); without,
@@ -38,7 +40,7 @@ from retinanet.matcher import Matcher
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-SCALES = (0.25, 0.3125, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)  # anchor size multipliers tried
+SCALES = tuple(2 ** (k / 4) for k in range(-8, 5))  # anchor size multipliers tried: 0.25 .. 2, four a factor of 2
 IMAGES_SEEN = 20_000  # without a time limit: epochs to see about this many images (COCO's 12 epochs see 1.4M)
 EPOCHS_RANGE = (12, 300)
 # learning rate and weight decay by optimiser and start; fine-tuning rates are for a batch of 16 (linear scaling)
@@ -117,19 +119,21 @@ def fit_anchor_sizes(dataset, anchors_cfg: DictConfig, matcher: Matcher, side: i
     base = [float(s) for s in anchors_cfg.sizes] if not is_auto(anchors_cfg.sizes) else [32.0, 64, 128, 256, 512]
     params = {k: v for k, v in OmegaConf.to_container(anchors_cfg, resolve=True).items()
               if k not in ("_target_", "sizes")}
-    results = {}
+    results, worst = {}, {}
     for m in SCALES:
         gen = AnchorGenerator(sizes=[s * m for s in base], **params)
-        iou = best_anchor_iou(dataset, gen, side, side, size_divisible, max_images)
-        results[m] = float((iou >= matcher.fg_iou).mean()) if len(iou) else 0.0
+        iou, labels = best_anchor_iou(dataset, gen, side, side, size_divisible, max_images, with_labels=True)
+        per_class = [float((iou[labels == k] >= matcher.fg_iou).mean()) for k in np.unique(labels)]
+        results[m] = float(np.mean(per_class)) if per_class else 0.0
+        worst[m] = min(per_class) if per_class else 0.0
     best = max(results.values())
     target = coverage if best >= coverage else best - 0.005
     good = [m for m, c in results.items() if c >= target]
     m = min(good, key=lambda s: (abs(math.log(s)), -s))
     sizes = [round(s * m, 1) for s in base]
-    why = (f"{results[m]:.1%} of the boxes have an anchor at IoU >= {matcher.fg_iou} "
-           f"({results[1.0]:.1%} with the preset's {base[0]:g}-{base[-1]:g})")
-    return sizes, {str(k): round(v, 4) for k, v in results.items()}, why
+    why = (f"{results[m]:.1%} of each class's boxes have an anchor at IoU >= {matcher.fg_iou} (class mean; "
+           f"worst class {worst[m]:.1%}; {results[1.0]:.1%} with the preset's {base[0]:g}-{base[-1]:g})")
+    return sizes, {f"{k:.3g}": round(v, 4) for k, v in results.items()}, why
 
 
 def pretrained(cfg: DictConfig) -> bool:

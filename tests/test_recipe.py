@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from retinanet import recipe
 from retinanet.config import validate_train_config
 from retinanet.data import CocoDetection
 from retinanet.errors import ConfigError
+from retinanet.matcher import Matcher
 
 from conftest import compose_train
 
@@ -64,12 +66,28 @@ def test_tiny_boxes_get_small_anchors_and_large_boxes_large_ones(tmp_path):
     large_cfg, large = fitted(tmp_path / "large", 300)
     small_sizes, large_sizes = small_cfg.model.anchors.sizes, large_cfg.model.anchors.sizes
     assert small_sizes[0] < large_sizes[0] and small_sizes[0] <= 16 <= 32 <= large_sizes[0]
-    assert "of the boxes have an anchor at IoU >= 0.5" in small["model.anchors.sizes"].reason
+    assert "of each class's boxes have an anchor at IoU >= 0.5" in small["model.anchors.sizes"].reason
     # small boxes: as large as a CPU allows (12 px of 640 would need 853 px for 16 px) ...
     assert small_cfg.data.max_size == small_cfg.recipe.max_side_cpu == small_cfg.data.min_size
     # ... large ones can be shrunk to the minimum side
     assert large_cfg.data.max_size == small_cfg.recipe.min_side
     assert "data.max_size" in large and large["data.max_size"].value == large_cfg.data.max_size
+
+
+def test_a_rare_class_counts_as_much_as_a_common_one_in_the_anchor_fit(monkeypatch):
+    """COCO AP averages over classes, so does the anchor fit: 10 boxes of a rare class that only the half-size
+    anchors cover outweigh 90 boxes of a common class that they cover half as well."""
+    def fake_best_anchor_iou(dataset, anchors, *args, with_labels=False, **kwargs):
+        small_anchors = anchors.sizes[0] < 20  # the candidate scale, read back from the generator
+        common = np.r_[np.full(45, 0.9), np.full(45, 0.9 if not small_anchors else 0.2)]
+        rare = np.full(10, 0.9 if small_anchors else 0.1)
+        return np.r_[common, rare], np.r_[np.zeros(90, int), np.ones(10, int)]
+
+    monkeypatch.setattr(recipe, "best_anchor_iou", fake_best_anchor_iou)
+    anchors = OmegaConf.create({"_target_": "retinanet.anchors.AnchorGenerator", "sizes": [32, 64, 128, 256, 512]})
+    sizes, results, why = recipe.fit_anchor_sizes(None, anchors, Matcher(0.5, 0.4), 256, 32, 0.99, None)
+    assert sizes[0] < 20, (sizes, results)  # by box count (0.9 vs 0.55) the preset's scale would have won
+    assert "class mean" in why and "worst class 100.0%" not in why
 
 
 @pytest.mark.parametrize("box_side", [12, 24, 60, 300])

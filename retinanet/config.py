@@ -22,7 +22,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from retinanet.errors import ConfigError
 from retinanet.runtime import PRECISIONS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # the Hydra config tree (package data; pkg://retinanet.configs)
 # top-level groups whose nodes are built by their _target_ (their constructors check their own keys)
 BUILT_GROUPS = ("loss", "optim", "schedule", "postprocess")
 

@@ -30,7 +30,6 @@ import re
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +48,6 @@ TORCHVISION_WEIGHTS = {
     "v2": "RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1",  # COCO val2017 box AP 41.5
 }
 PRESETS = {"v1": "torchvision_v1", "v2": "torchvision_v2"}  # configs/model/<preset>.yaml
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _PLAIN_RULES = [  # (pattern, replacement) for every key outside the head towers
     (r"backbone\.body\.(.+)", r"backbone.\1"),
@@ -215,6 +213,8 @@ def torchvision_eval_config(variant: str) -> dict:
     """Checkpoint ``config`` that evaluates like torchvision: the ``model`` preset with its padded-size
     strides, 300 detections per image, resize 800 / 1333 and padding to 32."""
     from omegaconf import OmegaConf
+
+    from retinanet.config import CONFIGS
 
     model = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{PRESETS[variant]}.yaml"), resolve=True)
     model["anchors"]["strides_from_image"] = True

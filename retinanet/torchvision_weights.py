@@ -18,7 +18,7 @@ out of torchvision's 91 outputs (index = COCO category id, 0 = background, 10 "N
 Command line: ``python -m retinanet.torchvision_weights SOURCE OUT.pt`` writes a checkpoint of this project
 (``model``; ``config`` = the matching ``model`` preset plus torchvision's evaluation settings;
 ``label_map``) from a local ``.pth`` or a weights name such as ``RetinaNet_ResNet50_FPN_Weights.COCO_V1``
-(downloaded by torchvision); ``scripts/evaluate.py checkpoint=OUT.pt`` then evaluates it.
+(downloaded by torchvision); ``retinanet-evaluate checkpoint=OUT.pt`` then evaluates it.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def torchvision_eval_config(variant: str) -> dict:
 
 
 def convert_to_checkpoint(source: str, out: str | os.PathLike, keep_all_classes: bool = False) -> dict:
-    """Write a checkpoint of this project from torchvision weights (``scripts/evaluate.py`` reads it); returns it.
+    """Write a checkpoint of this project from torchvision weights (``retinanet-evaluate`` reads it); returns it.
 
     91-output COCO weights are cut to the 80 COCO categories (label order = sorted category id,
     as ``CocoDetection`` builds it) unless ``keep_all_classes``.

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks.models import CONFIGS
+from retinanet.config import CONFIGS
 
-REPO = CONFIGS.parent
+REPO = Path(__file__).resolve().parents[1]  # the clone
 
 
 def shapes_root(fallback: Path) -> Path:

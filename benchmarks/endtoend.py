@@ -1,4 +1,4 @@
-"""Case "endtoend": ``scripts/infer.py`` over a folder against the model alone on the same images.
+"""Case "endtoend": ``retinanet-infer`` (``retinanet.commands.infer``) over a folder against the model alone on the same images.
 
 A checkpoint of the CPU preset (random weights, class prior 0.1 so that images get detections to
 write) is saved under the output folder; ``infer.run`` then decodes, resizes, batches, runs the
@@ -8,7 +8,7 @@ collated batches, decoded beforehand. Result: end-to-end images/s as a fraction 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import statistics
 import time
 from pathlib import Path
@@ -17,15 +17,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from benchmarks.data import REPO, data_config
-from benchmarks.models import CONFIGS, preset
+from benchmarks.data import data_config
+from benchmarks.models import preset
+from retinanet.config import CONFIGS
 
 
 def _infer_module():
-    spec = importlib.util.spec_from_file_location("bench_infer_script", REPO / "scripts" / "infer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("retinanet.commands.infer")
 
 
 def make_checkpoint(out: Path, root: Path, preset_name: str = "retinanet_r18_cpu") -> Path:

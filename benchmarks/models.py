@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.scene import random_boxes
 from benchmarks.tv import same_architecture, torchvision_retinanet
+from retinanet.config import CONFIGS
 from retinanet.data.collate import Batch
 from retinanet.torchvision_weights import convert_torchvision_state_dict
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def preset(name: str) -> DictConfig:

@@ -22,7 +22,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from retinanet.errors import ConfigError
 from retinanet.runtime import PRECISIONS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # the Hydra config tree (package data; pkg://retinanet.configs)
 # top-level groups whose nodes are built by their _target_ (their constructors check their own keys)
 BUILT_GROUPS = ("loss", "optim", "schedule", "postprocess")
 
@@ -98,7 +98,7 @@ def check_unknown_keys(cfg: DictConfig) -> None:
         unknown = sorted(present - known_keys(group))
         if unknown:
             raise ConfigError(f"{group}.{unknown[0]} is not a setting of {group} (nothing reads it): check the "
-                              f"spelling; `python scripts/train.py --cfg job` lists every key")
+                              f"spelling; `retinanet-train --cfg job` lists every key")
     top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", "evaluation", *BUILT_GROUPS} - {"seed", "device"}
     if top:
         raise ConfigError(f"{sorted(top)[0]} is not a setting of the training config (nothing reads it)")
@@ -128,7 +128,7 @@ def _train_loop(cfg: DictConfig) -> None:
 
 
 def validate_evaluation_config(cfg: DictConfig) -> None:
-    """``evaluation.*`` (training and scripts/evaluate.py): a known, installed backend and sane picture settings."""
+    """``evaluation.*`` (training and retinanet-evaluate): a known, installed backend and sane picture settings."""
     from retinanet.evaluation import check_backend  # imported late: pycocotools
 
     check_backend(str(cfg.evaluation.backend))

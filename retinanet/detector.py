@@ -1,8 +1,8 @@
 """``Detector``: the one way images become detections in this project.
 
 Model + anchors + post-processing + the evaluation resize + the label map (+ the precision and memory
-layout the model was trained with). The trainer's validation, ``scripts/evaluate.py``,
-``scripts/infer.py``, the benchmarks and export all go through it:
+layout the model was trained with). The trainer's validation, ``retinanet-evaluate``,
+``retinanet-infer``, the benchmarks and export all go through it:
 
     detector = Detector.from_checkpoint("outputs/shapes/<date>/best.pt", device="cpu")
     result = detector.predict("photo.jpg")          # or a PIL image, an RGB array, or a list of them
@@ -109,7 +109,7 @@ class Detector:
         for key in ("config", "label_map"):
             if key not in ckpt:
                 raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r} entry (not written by "
-                                      "scripts/train.py)")
+                                      "retinanet-train)")
         state = checkpoint_weights(ckpt, weights, path)
         detector = cls.from_config(ckpt["config"], ckpt["label_map"], device, min_size=min_size, max_size=max_size,
                                    postprocess=postprocess)

@@ -1,8 +1,8 @@
 """torch.distributed helpers: process group from torchrun's environment, reductions, gathering, run dir.
 
-``torchrun --nproc_per_node=N scripts/train.py ...`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR`` and ``MASTER_PORT``; ``init_from_env`` joins that group (nccl for CUDA tensors,
-gloo for CPU tensors). Without those variables everything here is a no-op for one process, so the
+``torchrun --nproc_per_node=N -m retinanet.commands.train ...`` (from a clone: ``scripts/train.py``) sets
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``init_from_env`` joins that
+group (nccl for CUDA tensors, gloo for CPU tensors). Without those variables everything here is a no-op for one process, so the
 trainer has a single code path.
 """
 
@@ -148,14 +148,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 def adopt_rank0_run_dir(argv: list[str]) -> None:
     """Ranks > 0: wait for rank 0's Hydra run dir and run in it too (``hydra.run.dir=...``).
 
-    Called by ``scripts/train.py`` before Hydra starts; rank 0 sends its folder with
-    ``share_run_dir`` once Hydra has made it. Run dirs default to a timestamp, which processes
+    Called by ``retinanet-train`` (``retinanet.commands.train.cli``) before Hydra starts; rank 0 sends its
+    folder with ``share_run_dir`` once Hydra has made it. Run dirs default to a timestamp, which processes
     started a second apart (or on other machines) would otherwise not agree on.
     """
     if not init_from_env().enabled:
         return
     if any(a in ("-m", "--multirun") for a in argv):
-        raise SystemExit("scripts/train.py: Hydra multirun (-m) cannot be combined with torchrun; "
+        raise SystemExit("retinanet-train: Hydra multirun (-m) cannot be combined with torchrun; "
                          "launch one torchrun per configuration")
     if dist.get_rank() == 0:
         return

@@ -1,6 +1,6 @@
 """COCO mAP with pycocotools: the one evaluation of the project.
 
-``evaluate(detector, loader, dataset)`` is what the trainer's validation and ``scripts/evaluate.py``
+``evaluate(detector, loader, dataset)`` is what the trainer's validation and ``retinanet-evaluate``
 both call: detections from the ``Detector`` (sharded over ranks under DDP and gathered on rank 0),
 COCO results with the dataset's own category ids, COCOeval over every image of the dataset (an image
 that could not be read counts as one without detections: its objects are missed, not forgotten),

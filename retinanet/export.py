@@ -240,7 +240,7 @@ def export_detector(detector, fmt: str, graph: str, path: str | os.PathLike, che
     if graph not in GRAPHS:
         raise ExportError(f"graph={graph!r} must be one of {list(GRAPHS)}")
     if Path(path).suffix.lower() != SUFFIXES[fmt]:
-        raise ExportError(f"output={str(path)!r}: format={fmt} writes a {SUFFIXES[fmt]} file (scripts/infer.py and "
+        raise ExportError(f"output={str(path)!r}: format={fmt} writes a {SUFFIXES[fmt]} file (retinanet-infer and "
                           f"the loaders go by the suffix); name it e.g. {Path(path).stem}{SUFFIXES[fmt]}")
     if fmt == "torchscript" and graph == "end2end":
         raise ExportError("format=torchscript exports graph=raw only: TorchScript's tracer would fix the "
@@ -371,7 +371,7 @@ def load_sidecar(model_path: str | os.PathLike) -> dict:
     """The sidecar of an exported model file, checked for the keys a runner needs."""
     path = sidecar_path(model_path)
     if not path.is_file():
-        raise ExportError(f"{str(model_path)!r} has no sidecar {str(path)!r} (written by scripts/export.py next to "
+        raise ExportError(f"{str(model_path)!r} has no sidecar {str(path)!r} (written by retinanet-export next to "
                           "the model file; it holds the classes, the resize and the input / output names)")
     try:
         meta = json.loads(path.read_text())
@@ -381,5 +381,5 @@ def load_sidecar(model_path: str | os.PathLike) -> dict:
               "postprocess")
     missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
     if missing:
-        raise ExportError(f"sidecar {str(path)!r} lacks {missing} (not written by scripts/export.py?)")
+        raise ExportError(f"sidecar {str(path)!r} lacks {missing} (not written by retinanet-export?)")
     return meta

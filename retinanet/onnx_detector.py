@@ -1,5 +1,5 @@
-"""An exported ONNX model (``scripts/export.py format=onnx``) run with onnxruntime behind the ``Detector``'s
-inference interface (``transform``, ``detect_batch``, ``detect``), so ``scripts/infer.py checkpoint=model.onnx``
+"""An exported ONNX model (``retinanet-export format=onnx``) run with onnxruntime behind the ``Detector``'s
+inference interface (``transform``, ``detect_batch``, ``detect``), so ``retinanet-infer checkpoint=model.onnx``
 checks the deployed file on a folder exactly as it runs a checkpoint.
 
 The sidecar (``model.onnx.json``) gives the classes, the resize, ``size_divisible`` and the graph kind. The same

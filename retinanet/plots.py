@@ -1,7 +1,7 @@
 """The pictures of a run, as PNG files (matplotlib, Agg): what TensorBoard shows, readable without it.
 
 ``write_run_plots`` is called at the end of a training run (rank 0) and ``write_evaluation_plots`` by
-``scripts/evaluate.py``; both write into ``<run>/plots/`` (docs/run_outputs.md lists the files):
+``retinanet-evaluate``; both write into ``<run>/plots/`` (docs/run_outputs.md lists the files):
 
 - ``loss_lr.png``: loss, loss_cls, loss_box and the learning rate over steps (the values logged to
   TensorBoard every ``trainer.log_every`` steps, kept by ``RecordingWriter``), with the epoch means and

@@ -18,7 +18,7 @@ out of torchvision's 91 outputs (index = COCO category id, 0 = background, 10 "N
 Command line: ``python -m retinanet.torchvision_weights SOURCE OUT.pt`` writes a checkpoint of this project
 (``model``; ``config`` = the matching ``model`` preset plus torchvision's evaluation settings;
 ``label_map``) from a local ``.pth`` or a weights name such as ``RetinaNet_ResNet50_FPN_Weights.COCO_V1``
-(downloaded by torchvision); ``scripts/evaluate.py checkpoint=OUT.pt`` then evaluates it.
+(downloaded by torchvision); ``retinanet-evaluate checkpoint=OUT.pt`` then evaluates it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import re
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +48,6 @@ TORCHVISION_WEIGHTS = {
     "v2": "RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1",  # COCO val2017 box AP 41.5
 }
 PRESETS = {"v1": "torchvision_v1", "v2": "torchvision_v2"}  # configs/model/<preset>.yaml
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _PLAIN_RULES = [  # (pattern, replacement) for every key outside the head towers
     (r"backbone\.body\.(.+)", r"backbone.\1"),
@@ -216,13 +214,15 @@ def torchvision_eval_config(variant: str) -> dict:
     strides, 300 detections per image, resize 800 / 1333 and padding to 32."""
     from omegaconf import OmegaConf
 
+    from retinanet.config import CONFIGS
+
     model = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{PRESETS[variant]}.yaml"), resolve=True)
     model["anchors"]["strides_from_image"] = True
     return {"model": model, "postprocess": dict(TORCHVISION_POSTPROCESS), "data": dict(TORCHVISION_DATA)}
 
 
 def convert_to_checkpoint(source: str, out: str | os.PathLike, keep_all_classes: bool = False) -> dict:
-    """Write a checkpoint of this project from torchvision weights (``scripts/evaluate.py`` reads it); returns it.
+    """Write a checkpoint of this project from torchvision weights (``retinanet-evaluate`` reads it); returns it.
 
     91-output COCO weights are cut to the 80 COCO categories (label order = sorted category id,
     as ``CocoDetection`` builds it) unless ``keep_all_classes``.

@@ -1,6 +1,6 @@
 """Training: compose the parts from a config, then the epoch loop (train, evaluate, checkpoint).
 
-``run(cfg, out_dir)`` is what ``scripts/train.py`` calls; tests call it too with a config from
+``run(cfg, out_dir)`` is what ``retinanet-train`` calls; tests call it too with a config from
 Hydra's compose API. It returns the final validation AP (the value Hydra sweepers optimise; the
 EMA weights' AP when ``trainer.ema.decay`` is set).
 

@@ -1,66 +1,15 @@
-"""Dataset statistics and anchor coverage: `python scripts/inspect_dataset.py data=<preset> [model=<preset>] ...`.
+"""Dataset statistics and anchor coverage: `python scripts/inspect_dataset.py ...` from a clone;
+installed, the same command is `retinanet-inspect`.
 
-Prints images, boxes per class (with a suggested per-class focal-loss alpha), images without
-boxes, the box-size distribution after the training resize and the anchor coverage per size
-bucket (share of boxes that get a positive anchor from the matcher, share that reach IoU >=
-loss.matcher.fg_iou with some anchor), with hints. Writes inspect.json and samples/*.jpg (images
-with their ground truth drawn) into `output` (default: the Hydra run dir). Pass the same data /
-model / loss overrides as for training, e.g. model.anchors.sizes=[8,16,32,64,128].
-
-Examples:
-    python scripts/inspect_dataset.py                      # the embedded shapes dataset
-    python scripts/inspect_dataset.py data=custom data.train_ann=mine/train.json data.train_images=mine/img
+A thin wrapper around retinanet/commands/inspect_dataset.py (the documentation, examples and the job itself live there).
 """
 
-import logging
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from retinanet import recipe  # noqa: E402
-from retinanet.checkpoint import atomic_write_json  # noqa: E402
-from retinanet.cli import run_or_exit  # noqa: E402
-from retinanet.data.build import build_dataset  # noqa: E402
-from retinanet.errors import ConfigError  # noqa: E402
-from retinanet.inspect import anchor_coverage, dataset_statistics, format_report, render_samples, suggested_alpha  # noqa: E402
-from retinanet.runtime import resolve_device  # noqa: E402
-
-log = logging.getLogger("inspect")
-
-
-def run(cfg: DictConfig, out_dir) -> dict:
-    """Statistics, anchor coverage and rendered samples of ``cfg.data``'s ``cfg.split``; returns inspect.json."""
-    if cfg.split not in ("train", "val"):
-        raise ConfigError(f"split={cfg.split!r} must be train or val")
-    if cfg.data.generate is not None:
-        instantiate(cfg.data.generate)
-    # recipe=auto (data=custom): examine the resize and anchors training would pick
-    recipe.apply(cfg, resolve_device("auto"), only={"data.min_size", "data.max_size", "model.anchors.sizes"})
-    dataset = build_dataset(cfg.data, cfg.split, train=False)
-    stats = dataset_statistics(dataset)
-    anchors, matcher = instantiate(cfg.model.anchors), instantiate(cfg.loss.matcher)
-    coverage = anchor_coverage(dataset, anchors, matcher, cfg.data.min_size, cfg.data.max_size,
-                               cfg.data.size_divisible, cfg.max_images, cfg.progress)
-    alpha = suggested_alpha(dataset)
-    print(f"\n{dataset.ann_file}\n" + format_report(stats, coverage, alpha))
-    out_dir = Path(out_dir)
-    samples = render_samples(dataset, out_dir / "samples", cfg.num_samples)
-    report = {"annotations": dataset.ann_file, **stats, "anchor_coverage": coverage, "suggested_alpha": alpha,
-              "samples": [str(p) for p in samples]}
-    atomic_write_json(report, out_dir / "inspect.json")
-    print(f"\nwrote {out_dir / 'inspect.json'} and {len(samples)} samples in {out_dir / 'samples'}")
-    return report
-
-
-@hydra.main(version_base="1.3", config_path="../configs", config_name="inspect")
-def main(cfg: DictConfig) -> None:
-    run_or_exit(run, cfg)
-
+from retinanet.commands.inspect_dataset import main, run  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -6,13 +6,15 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from retinanet import config
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = str(ROOT / "configs")
+CONFIGS = str(config.CONFIGS)  # the package's config tree (configs/ in the clone is a symlink to it)
 
 
 def compose_train(overrides=()):
-    """The training config as `scripts/train.py` would see it with these overrides."""
+    """The training config as `retinanet-train` (scripts/train.py) would see it with these overrides."""
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from retinanet.anchors import AnchorGenerator
+from retinanet.config import CONFIGS, validate_train_config
 from retinanet.config import build as build_node
-from retinanet.config import validate_train_config
 from retinanet.errors import ConfigError
 from retinanet.losses import alpha_from_counts
 from retinanet.matcher import IGNORE, Matcher
@@ -177,7 +177,7 @@ def test_per_class_alpha_loss_runs_on_cuda():
 
 
 def test_every_focal_option_has_a_one_line_comment():
-    lines = (ROOT / "configs/loss/focal.yaml").read_text().splitlines()
+    lines = (CONFIGS / "loss/focal.yaml").read_text().splitlines()
     options = {m.group(1): line for line in lines if (m := re.match(r"(\w+):", line))}
     for key in ("alpha", "gamma", "label_smoothing"):
         assert "#" in options[key], key

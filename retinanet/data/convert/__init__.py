@@ -1,4 +1,4 @@
-"""Converters from other annotation formats to COCO detection JSON (used by scripts/convert_to_coco.py).
+"""Converters from other annotation formats to COCO detection JSON (used by retinanet-convert).
 
 Each returns a COCO dict whose ``file_name``s are relative to the image folder to give as
 ``data.*_images``; category ids are 1..K (classes sorted by name unless an order is given).

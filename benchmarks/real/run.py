@@ -7,7 +7,7 @@
 What it does, as a new user would:
 1. converts the Pascal VOC dataset with the project's converter (``scripts/convert_to_coco.py --format voc``,
    ``ImageSets/Main/train.txt`` and ``val.txt``; ``--eval-split test`` scores on ``test.txt`` instead) into
-   ``<out>/data/``; ``--categories`` keeps some classes only (``make_subset.py``);
+   ``data/<dataset>/``; ``--categories`` keeps some classes only (``make_subset.py``);
 2. starts the two trainings at the same moment, each pinned to its own core with one thread
    (``taskset``, ``OMP_NUM_THREADS=1``; the cores swap between pairs):
    - ours: ``scripts/train.py data=custom trainer.time_limit=S`` and the four paths, nothing else but
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
 
     voc = Path(args.voc).resolve()
     out = Path(args.out or ROOT / "outputs" / "bench_real" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    files = convert(voc, out / "data", args.eval_split, args.categories)
+    files = convert(voc, ROOT / "data" / voc.name, args.eval_split, args.categories)
     rows = []
     for i in range(args.runs):
         run_dir = out / f"pair{i + 1}"

@@ -33,7 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=320)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--ann", default="data/bccd/train.json")
+    p.add_argument("--ann", default="data/bccd/train.json", help="COCO JSON (make bench-real writes this one)")
     p.add_argument("--images", default="../shared/datasets/bccd/JPEGImages")
     args, overrides = p.parse_known_args()
     torch.set_num_threads(1)
@@ -43,30 +43,28 @@ def main() -> None:
     from hydra.utils import instantiate
 
     from retinanet.data.build import build_dataset, build_loader
-    from retinanet.engine import StepContext, forward_loss
+    from retinanet.engine import TrainStep
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", ["data=custom", f"data.train_ann={args.ann}", f"data.train_images={args.images}",
                                 f"data.val_ann={args.ann}", f"data.val_images={args.images}",
                                 f"data.min_size={args.size}", f"data.max_size={args.size}", "data.size_divisible=32",
-                                "model=retinanet_r18_cpu", *overrides])
+                                "model=retinanet_r18_cpu", "model.anchors.sizes=[16,32,64,128,256]", *overrides])
     ds = build_dataset(cfg.data, "train", train=True)
     batch = next(iter(build_loader(ds, 8, True, 0, cfg.data.size_divisible, 0, False)))
     anchors = instantiate(cfg.model.anchors)
     model = instantiate(cfg.model.net, num_classes=ds.num_classes, num_anchors=anchors.num_anchors_per_location)
     criterion = instantiate(cfg.loss, num_classes=ds.num_classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ctx = StepContext(criterion=criterion, anchors=anchors, device=torch.device("cpu"),
-                      channels_last=bool(cfg.trainer.channels_last))
-    if ctx.channels_last:
+    channels_last = bool(cfg.trainer.channels_last)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train_step = TrainStep(model, criterion, anchors, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                           torch.device("cpu"), channels_last=channels_last)  # what the trainer runs every step
     model.train()
 
     def ours_step():
-        loss = forward_loss(model, batch, ctx)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step([batch], step=0, epoch=1)
 
     import tv_reference as tv
     tv_set = tv.CocoBoxes(args.ann, args.images, train=True)
@@ -83,7 +81,7 @@ def main() -> None:
     t_ours = time_steps(ours_step, args.steps)
     t_tv = time_steps(tv_step, args.steps)
     print(f"size {args.size}: ours {8 / t_ours:.2f} images/s (batch {tuple(batch.images.shape)}, "
-          f"channels_last={ctx.channels_last}), torchvision {8 / t_tv:.2f} images/s; overrides {overrides}")
+          f"channels_last={channels_last}), torchvision {8 / t_tv:.2f} images/s; overrides {overrides}")
 
 
 if __name__ == "__main__":

@@ -132,12 +132,13 @@ def main(argv=None) -> dict:
     p.add_argument("--categories", default=None, help="keep these classes only (names, comma separated)")
     p.add_argument("--eval-split", default="val", choices=("val", "test"), help="the split that is scored")
     p.add_argument("--out", default=None, help="output folder (default outputs/bench_real/<time>)")
+    p.add_argument("--data-dir", default=str(ROOT / "data"), help="where the converted JSON go (<data-dir>/<dataset>/)")
     p.add_argument("ours_overrides", nargs="*", help="extra overrides of our side (default: none, as the README)")
     args = p.parse_args(argv)
 
     voc = Path(args.voc).resolve()
     out = Path(args.out or ROOT / "outputs" / "bench_real" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    files = convert(voc, ROOT / "data" / voc.name, args.eval_split, args.categories)
+    files = convert(voc, Path(args.data_dir) / voc.name, args.eval_split, args.categories)
     rows = []
     for i in range(args.runs):
         run_dir = out / f"pair{i + 1}"

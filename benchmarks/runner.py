@@ -53,6 +53,15 @@ SIZES = {
         "warmup": 0,
     },
 }
+SIZES["gpu"] = {  # --device cuda (scripts/gpu_check.sh): COCO-scale images for the models too, more rounds
+    **SIZES["full"],
+    "train_r50": {"preset": R50, "batch": 8, "height": 800, "width": 800, "optim": "sgd"},
+    "train_r18": {"preset": R18, "batch": 32, "height": 512, "width": 512, "optim": "adamw"},
+    "inference_r50": {"preset": R50, "batch": 8, "height": 800, "width": 800},
+    "inference_r18": {"preset": R18, "batch": 32, "height": 512, "width": 512},
+    "repeats": {**SIZES["full"]["repeats"], "loss": 10, "postprocess": 10, "train": 10, "inference": 10},
+    "warmup": 3,
+}
 CASES = ("loss", "postprocess", "train", "inference", "endtoend", "data", "flops")
 CUDA_CASES = ("loss", "postprocess", "train", "inference")  # --device cuda: ours vs torchvision on the GPU
 

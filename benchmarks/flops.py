@@ -8,7 +8,9 @@ time goes.
   size there; the full size would take minutes per call) and labelled "emulated".
 - ``achieved``: FLOPs of one train step (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix
   products, forward and backward) over its measured time, as a fraction of the peak of the same precision (the
-  better layout). bf16 is ``TrainStep`` under bf16 autocast (``trainer.precision=bf16-mixed``).
+  better layout). bf16 is ``TrainStep`` under bf16 autocast (``trainer.precision=bf16-mixed``). Emulated, the
+  R50 bf16 step at 2x256x256 takes about a minute, so the bf16 steps are then measured at a smaller input
+  (``SIZES[...]["flops_bf16_emulated"]``), in rounds with an fp32 step of that size (in the JSON).
 - ``split``: self CPU time of the train step's operators (``torch.profiler``), grouped into families by
   operator name and by the scope they run in: the loss (the criterion's forward, and the backward of the
   operators it ran, found by their autograd sequence numbers), the optimiser (``Optimizer.step`` /
@@ -85,17 +87,33 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def achieved(state, repeats: int = 3, warmup: int = 1) -> dict:
+def achieved(state, repeats: int = 3, warmup: int = 1, bf16_state=None) -> dict:
     """The train step of ``state`` (``benchmarks.train.State``) in fp32 and under bf16 autocast, channels_last,
-    timed in the same rounds: FLOPs and FLOP/s of each."""
+    timed in the same rounds: FLOPs and FLOP/s of each. ``bf16_state``: time bf16 on this (smaller) state instead,
+    in rounds with its own fp32 step (emulated bf16 at the full size takes minutes per step)."""
     from benchmarks import train
 
-    steps = {"fp32": state.step_ours, "bf16": train.ours_step_of(state, torch.bfloat16)}
-    flops = count_flops(steps["fp32"])
-    times = interleaved(steps, repeats, warmup)
+    if bf16_state is None:
+        steps = {"fp32": state.step_ours, "bf16": train.ours_step_of(state, torch.bfloat16)}
+        flops = count_flops(steps["fp32"])
+        times = interleaved(steps, repeats, warmup)
+        return {"flops": {p: flops for p in steps}, "times": times, "shape": {p: _shape(state) for p in steps},
+                "flop_s": {p: flops / times[p]["median_s"] for p in steps},
+                "step_s": {p: times[p]["median_s"] for p in steps}}
+    full = {"fp32": state.step_ours}
+    small = {"fp32_small": bf16_state.step_ours, "bf16": train.ours_step_of(bf16_state, torch.bfloat16)}
+    flops = {"fp32": count_flops(full["fp32"]), "bf16": count_flops(small["fp32_small"])}
+    times = {**interleaved(full, repeats, warmup), **interleaved(small, repeats, warmup)}
+    flops["fp32_small"] = flops["bf16"]
     return {"flops": flops, "times": times,
-            "flop_s": {p: flops / times[p]["median_s"] for p in steps},
-            "step_s": {p: times[p]["median_s"] for p in steps}}
+            "shape": {"fp32": _shape(state), "bf16": _shape(bf16_state), "fp32_small": _shape(bf16_state)},
+            "flop_s": {p: flops[p] / times[p]["median_s"] for p in times},
+            "step_s": {p: times[p]["median_s"] for p in times}}
+
+
+def _shape(state) -> str:
+    b, _, h, w = state.batch.images.shape
+    return f"{b}x{h}x{w}"
 
 
 class _Scoped(torch.nn.Module):

@@ -75,7 +75,7 @@ def test_tiny_bench_writes_table_and_json_and_both_sides_agree(tmp_path, tiny_sh
     assert len(bf16_rows) == 3 and all(("emulated" in w) == peak["bf16"]["emulated"] for w in bf16_rows)
     for key in ("train_r50", "train_r18"):
         a = res["achieved"][key]
-        assert a["flops"] > 0 and set(a["fraction"]) == {"fp32", "bf16"}
+        assert min(a["flops"].values()) > 0 and set(a["fraction"]) == {"fp32", "bf16"}
         assert 0 < a["fraction"]["fp32"] <= 1.5, a  # a train step cannot beat the large conv by much
         assert a["fraction"]["bf16"] > 0  # emulated bf16 kernels differ by shape: no upper bound at tiny sizes
     # item 7: the demo step split into the six families, ours and torchvision's, the convolutions found

@@ -21,6 +21,7 @@ time goes.
 from __future__ import annotations
 
 import collections
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -59,9 +60,11 @@ def _conv_case(dtype: torch.dtype, channels_last: bool, batch: int, size: int, c
     return run
 
 
-def conv_peak(repeats: int = 3, warmup: int = 1, peak: dict | None = None, emulated: dict | None = None) -> dict:
+def conv_peak(repeats: int = 3, warmup: int = 1, peak: dict | None = None, emulated: dict | None = None,
+              runners: dict | None = None) -> dict:
     """GFLOP/s of the 3x3 convolution per precision and layout, measured in the same rounds; per precision the
-    better layout is its ``peak_flop_s``."""
+    better layout is its ``peak_flop_s``. ``runners`` (a dict) receives per precision ``(fn, flops)`` of the
+    better layout, for ``achieved`` to time the peak again in the same rounds as the train steps."""
     native = native_bf16(torch.device("cpu"))
     shapes = {"fp32": peak or PEAK, "bf16": (peak or PEAK) if native else (emulated or PEAK_EMULATED)}
     fns = {f"{p}_{layout}": _conv_case(DTYPES[p], layout == "channels_last", **shapes[p])
@@ -72,6 +75,8 @@ def conv_peak(repeats: int = 3, warmup: int = 1, peak: dict | None = None, emula
         flops = conv_flops(**shapes[p])
         rates = {layout: flops / times[f"{p}_{layout}"]["median_s"] for layout in ("nchw", "channels_last")}
         best = max(rates, key=rates.get)
+        if runners is not None:
+            runners[p] = (fns[f"{p}_{best}"], flops)
         out[p] = {"shape": shapes[p], "flops": flops, "flop_s": rates, "best_layout": best, "peak_flop_s": rates[best],
                   "times": {layout: times[f"{p}_{layout}"] for layout in rates},
                   "emulated": p == "bf16" and not native}
@@ -87,28 +92,34 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def achieved(state, repeats: int = 3, warmup: int = 1, bf16_state=None) -> dict:
-    """The train step of ``state`` (``benchmarks.train.State``) in fp32 and under bf16 autocast, channels_last,
-    timed in the same rounds: FLOPs and FLOP/s of each. ``bf16_state``: time bf16 on this (smaller) state instead,
-    in rounds with its own fp32 step (emulated bf16 at the full size takes minutes per step)."""
+def achieved(state, peaks: dict, repeats: int = 3, warmup: int = 1, bf16_state=None) -> dict:
+    """The train step of ``state`` (``benchmarks.train.State``) in fp32 and under bf16 autocast, channels_last, and
+    the conv peak of each precision (``peaks``: ``conv_peak``'s ``runners``), all timed in the same rounds (a shared
+    machine's load then hits step and peak alike): FLOPs, FLOP/s and ``fraction`` per precision, the median over
+    rounds of step FLOP/s / peak FLOP/s. ``bf16_state``: time bf16 on this (smaller) state instead (emulated bf16
+    at the full size takes minutes per step), with an fp32 step of its size (``fp32_small``) for comparison."""
     from benchmarks import train
 
-    if bf16_state is None:
-        steps = {"fp32": state.step_ours, "bf16": train.ours_step_of(state, torch.bfloat16)}
-        flops = count_flops(steps["fp32"])
-        times = interleaved(steps, repeats, warmup)
-        return {"flops": {p: flops for p in steps}, "times": times, "shape": {p: _shape(state) for p in steps},
-                "flop_s": {p: flops / times[p]["median_s"] for p in steps},
-                "step_s": {p: times[p]["median_s"] for p in steps}}
-    full = {"fp32": state.step_ours}
-    small = {"fp32_small": bf16_state.step_ours, "bf16": train.ours_step_of(bf16_state, torch.bfloat16)}
-    flops = {"fp32": count_flops(full["fp32"]), "bf16": count_flops(small["fp32_small"])}
-    times = {**interleaved(full, repeats, warmup), **interleaved(small, repeats, warmup)}
-    flops["fp32_small"] = flops["bf16"]
-    return {"flops": flops, "times": times,
-            "shape": {"fp32": _shape(state), "bf16": _shape(bf16_state), "fp32_small": _shape(bf16_state)},
-            "flop_s": {p: flops[p] / times[p]["median_s"] for p in times},
-            "step_s": {p: times[p]["median_s"] for p in times}}
+    bf16_on = bf16_state if bf16_state is not None else state
+    steps = {"fp32": state.step_ours, "bf16": train.ours_step_of(bf16_on, torch.bfloat16)}
+    if bf16_state is not None:
+        steps["fp32_small"] = bf16_state.step_ours
+    flops = {"fp32": count_flops(state.step_ours)}
+    flops["bf16"] = flops["fp32"] if bf16_state is None else count_flops(bf16_state.step_ours)
+    if bf16_state is not None:
+        flops["fp32_small"] = flops["bf16"]
+    fns = {**steps, **{f"peak_{p}": fn for p, (fn, _) in peaks.items()}}
+    times = interleaved(fns, repeats, warmup)
+    fraction = {}
+    for p in ("fp32", "bf16"):
+        peak_flops = peaks[p][1]
+        fraction[p] = statistics.median((flops[p] / a) / (peak_flops / c) for a, c in
+                                        zip(times[p]["wall_s"], times[f"peak_{p}"]["wall_s"]))
+    return {"flops": flops, "times": times, "fraction": fraction,
+            "shape": {p: _shape(bf16_on if p != "fp32" else state) for p in steps},
+            "flop_s": {p: flops[p] / times[p]["median_s"] for p in steps},
+            "peak_flop_s": {p: peaks[p][1] / times[f"peak_{p}"]["median_s"] for p in peaks},
+            "step_s": {p: times[p]["median_s"] for p in steps}}
 
 
 def _shape(state) -> str:

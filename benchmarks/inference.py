@@ -29,17 +29,18 @@ class State:
 
 
 def setup(preset: str = "retinanet_r50", batch: int = 2, height: int = 320, width: int = 320, num_classes: int = 80,
-          seed: int = 0) -> State:
+          seed: int = 0, device: str = "cpu") -> State:
+    device = torch.device(device)
     ours, theirs, anchors, arch = build_pair(preset, num_classes, (height, width), seed)
-    ours = ours.eval().to(memory_format=torch.channels_last)
-    theirs.eval()
+    ours = ours.eval().to(device, memory_format=torch.channels_last)
+    theirs.eval().to(device)
     theirs.detections_per_img = SETTINGS["detections_per_img"]
     detector = Detector(model=ours, anchors=anchors, postprocess=PostProcessor(**SETTINGS),
                         class_names=[str(k) for k in range(num_classes)], category_ids=list(range(num_classes)),
-                        min_size=height, max_size=width, size_divisible=32, device=torch.device("cpu"),
+                        min_size=height, max_size=width, size_divisible=32, device=device,
                         channels_last=True)
     data = make_batch(batch, height, width, num_classes, 1, seed)
-    tv_images = to_float_list(data.images)
+    tv_images = [im.to(device) for im in to_float_list(data.images)]
 
     def run_ours():
         return detector.detect_batch(data)[0]
@@ -48,7 +49,7 @@ def setup(preset: str = "retinanet_r50", batch: int = 2, height: int = 320, widt
     def run_tv():
         return theirs(tv_images)
 
-    return State(ours, theirs, run_ours, run_tv, data.images, arch)
+    return State(ours, theirs, run_ours, run_tv, data.images.to(device), arch)
 
 
 def contenders(s: State) -> dict:

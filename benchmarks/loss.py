@@ -33,11 +33,12 @@ class State:
 
 
 def setup(height: int = 800, width: int = 1216, num_classes: int = 80, boxes_per_image: int = 50,
-          images_with_boxes: int = 2, empty_images: int = 1, seed: int = 0) -> State:
+          images_with_boxes: int = 2, empty_images: int = 1, seed: int = 0, device: str = "cpu") -> State:
     scene = make_scene(height, width, num_classes, boxes_per_image, images_with_boxes, empty_images, seed=seed)
+    scene = scene.to(device)
     return State(scene, scene.cls_logits.requires_grad_(), scene.box_deltas.requires_grad_(),
                  RetinaNetLoss(num_classes, box_loss="l1", normalization="torchvision"),
-                 RetinaNet(_NoBackbone(), num_classes), scene.targets())
+                 RetinaNet(_NoBackbone(), num_classes).to(device), scene.targets())
 
 
 def _grads(s: State) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,10 +27,10 @@ class State:
 
 
 def setup(height: int = 800, width: int = 1216, num_classes: int = 80, images: int = 3, logit_mean: float = -2.0,
-          seed: int = 0) -> State:
-    scene = make_scene(height, width, num_classes, 0, 0, images, logit_mean=logit_mean, seed=seed)
-    theirs = RetinaNet(_NoBackbone(), num_classes, **SETTINGS)
-    return State(scene, PostProcessor(**SETTINGS), theirs, torch.tensor([[height, width]] * images))
+          seed: int = 0, device: str = "cpu") -> State:
+    scene = make_scene(height, width, num_classes, 0, 0, images, logit_mean=logit_mean, seed=seed).to(device)
+    theirs = RetinaNet(_NoBackbone(), num_classes, **SETTINGS).to(device)
+    return State(scene, PostProcessor(**SETTINGS), theirs, torch.tensor([[height, width]] * images, device=device))
 
 
 def contenders(s: State) -> dict:

@@ -58,6 +58,11 @@ class Scene:
     gt_labels: Tensor          # [B, M], -1 = padding
     image_hw: tuple[int, int]
 
+    def to(self, device) -> "Scene":
+        """The same scene with its tensors on ``device``."""
+        return Scene(self.anchors.to(device), self.per_level, self.cls_logits.to(device), self.box_deltas.to(device),
+                     self.gt_boxes.to(device), self.gt_labels.to(device), self.image_hw)
+
     def targets(self) -> list[dict]:
         """Ground truth in torchvision's form: one dict of boxes / labels per image."""
         keep = self.gt_labels >= 0

@@ -36,10 +36,10 @@ def test_tiny_bench_writes_table_and_json_and_both_sides_agree(tmp_path, tiny_sh
     printed = capsys.readouterr().out
     assert "| item | what | ours | torchvision | ratio | target | met |" in printed
     items = [r["item"] for r in saved["rows"]]
-    assert sorted(set(items)) == ["1", "2", "3", "4", "5", "6"]
+    assert sorted(set(items)) == ["1", "2", "3", "4", "5", "6", "7"]
     for r in saved["rows"]:
         assert tuple(r) == COLUMNS
-        assert isinstance(r["ratio"], float) and r["ratio"] > 0
+        assert isinstance(r["ratio"], float) and (r["ratio"] > 0 or r["item"] == "7")  # a share may round to 0
         assert (r["met"] is None) == (r["target"] == "-")
     targets = {r["what"]: r["target"] for r in saved["rows"]}
     assert targets["matching + focal + box loss, fwd+bwd: time"] == "<= 0.3x"
@@ -61,6 +61,32 @@ def test_tiny_bench_writes_table_and_json_and_both_sides_agree(tmp_path, tiny_sh
     assert res["endtoend"]["detections_written"] > 0 and res["endtoend"]["images"] == SIZES["tiny"]["endtoend"]["images"]
     assert res["data"]["images"] == SIZES["tiny"]["data"]["batches"] * SIZES["tiny"]["data"]["batch_size"]
     assert res["flops"]["train_step_flops"] > 0 and res["flops"]["conv_peak_flop_s"] > 0
+
+    # item 6: the 3x3 conv peak in fp32 and bf16 (both layouts), achieved FLOP/s of both train steps in both
+    from retinanet.runtime import native_bf16
+
+    peak = res["conv_peak"]
+    assert peak["native_bf16"] == native_bf16(torch.device("cpu"))
+    for p in ("fp32", "bf16"):
+        assert set(peak[p]["flop_s"]) == {"nchw", "channels_last"} and min(peak[p]["flop_s"].values()) > 0
+        assert peak[p]["peak_flop_s"] == max(peak[p]["flop_s"].values())
+    assert peak["bf16"]["emulated"] == (not peak["native_bf16"])
+    bf16_rows = [r["what"] for r in saved["rows"] if r["item"] == "6" and " bf16" in r["what"]]
+    assert len(bf16_rows) == 3 and all(("emulated" in w) == peak["bf16"]["emulated"] for w in bf16_rows)
+    for key in ("train_r50", "train_r18"):
+        a = res["achieved"][key]
+        assert min(a["flops"].values()) > 0 and set(a["fraction"]) == {"fp32", "bf16"}
+        assert 0 < a["fraction"]["fp32"] <= 1.5, a  # a train step cannot beat the large conv by much
+        assert a["fraction"]["bf16"] > 0  # emulated bf16 kernels differ by shape: no upper bound at tiny sizes
+    # item 7: the demo step split into the six families, ours and torchvision's, the convolutions found
+    from benchmarks.flops import FAMILIES
+
+    for side in ("ours", "torchvision"):
+        sp = res["split"][side]
+        assert set(sp["shares"]) == set(FAMILIES) and sum(sp["shares"].values()) == pytest.approx(1.0)
+        assert sp["shares"]["convolutions"] > 0 and sp["shares"]["optimiser"] > 0 and sp["shares"]["loss"] > 0
+        assert sp["shares"]["data loading"] > 0  # the loader of item 5, in the main process (tiny: no workers)
+    assert len([r for r in saved["rows"] if r["item"] == "7"]) == len(FAMILIES)
 
 
 def test_peak_memory_is_the_high_water_mark_above_the_baseline():
@@ -109,3 +135,20 @@ def test_train_step_profile_groups_operators_and_finds_the_convolutions(one_thre
     totals, total = prof.profile_step(state.step_ours, steps=1)
     assert total == pytest.approx(sum(totals.values())) and total > 0
     assert totals["convolution"] > 0 and totals["elementwise"] > 0  # (on CPU, AdamW runs per-tensor ops)
+
+
+def test_split_groups_by_scope_and_by_name(one_thread):
+    """Item 7: the loss (forward and its backward), the optimiser, convolutions (their backward's copies too)."""
+    from benchmarks import flops, train
+
+    assert flops.family_of_name("aten::mkldnn_convolution") == "convolutions"
+    assert flops.family_of_name("autograd::engine::evaluate_function: NativeBatchNormBackward0") == "normalisation"
+    assert flops.family_of_name("aten::native_group_norm") == "normalisation"
+    assert flops.family_of_name("aten::add_") == "other"
+    state = train.setup(preset="retinanet_r18_cpu", batch=1, height=64, width=64, num_classes=3, optim="adamw",
+                        nchw=False)
+    out = flops.split(state.step_ours, steps=1)
+    shares = out["shares"]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["data loading"] == 0
+    assert shares["convolutions"] > 0.2 and shares["loss"] > 0 and shares["optimiser"] > 0
+    assert shares["other"] < 0.5  # the backward of the loss and of the convolutions is attributed, not left over

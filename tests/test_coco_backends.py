@@ -2,7 +2,6 @@
 1e-6 (None in both where a class has no ground truth), and the same precision array (the PR curves); a clear
 error when it is chosen but not installed, or misspelt."""
 
-import importlib.util
 import sys
 
 import numpy as np
@@ -17,9 +16,6 @@ from retinanet.errors import ConfigError
 from retinanet.evaluation import STAT_NAMES, coco_evaluate, ground_truth_as_detections, to_coco_results
 
 from conftest import compose_train, tiny_train_overrides
-
-needs_fast = pytest.mark.skipif(importlib.util.find_spec("faster_coco_eval") is None,
-                                reason="faster-coco-eval is not installed (pip install -e '.[dev]' installs it)")
 
 
 def same_numbers(coco_gt, results, image_ids=None) -> tuple[dict, dict]:
@@ -54,7 +50,6 @@ def tiny_detections(tiny_run):
     return val, results
 
 
-@needs_fast
 def test_same_numbers_on_the_tiny_runs_detections(tiny_detections):
     val, results = tiny_detections
     assert len(results) > 100
@@ -62,7 +57,6 @@ def test_same_numbers_on_the_tiny_runs_detections(tiny_detections):
     assert ref["stats"]["AR100"] > 0  # the untrained model finds something: not a comparison of zeros
 
 
-@needs_fast
 def test_same_numbers_on_jittered_ground_truth(tiny_detections):
     """Ground truth moved by a few pixels, random scores, some boxes relabelled: AP in the middle of its range."""
     val, _ = tiny_detections
@@ -79,7 +73,6 @@ def test_same_numbers_on_jittered_ground_truth(tiny_detections):
     assert 0.1 < ref["stats"]["AP"] < 0.9
 
 
-@needs_fast
 def test_a_class_without_ground_truth_is_none_in_both(tiny_detections):
     val, results = tiny_detections
     data = dict(val.coco.dataset)
@@ -94,7 +87,6 @@ def test_a_class_without_ground_truth_is_none_in_both(tiny_detections):
     assert sum(v is not None for v in ref["per_class"].values()) == len(val.class_names)
 
 
-@needs_fast
 def test_no_detections_at_all(tiny_detections):
     val, _ = tiny_detections
     ref, _ = same_numbers(val.coco, [], val.image_ids)

@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+# onnxruntime and onnxscript come with the [dev] extra that `make test` installs: a missing one fails here
+import onnxruntime  # noqa: F401
+import onnxscript  # noqa: F401
 import pytest
 import torch
 
@@ -37,9 +41,6 @@ from retinanet.postprocess import PostProcessor
 
 from conftest import ROOT
 from test_evaluate_infer import compose_cfg, load_script
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
 RAW_ATOL = 1e-4
 SIZES = ({"min_size": None, "max_size": None, "batch": 3},   # the checkpoint's resize (64 / 96): 64-96 px inputs

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from retinanet.errors import ConfigError
+from retinanet.recipe import check_selected
 from retinanet.runtime import PRECISIONS
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the Hydra config tree (package data; pkg://retinanet.configs)
@@ -45,6 +46,14 @@ def build(node, **kwargs):
         if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
             raise ConfigError(f"{key}: {cause}") from None
         raise
+
+
+# what to set when a mandatory key is missing (the others are paths: data.train_ann, data.root, ...)
+MANDATORY_EXAMPLES = {
+    "data.min_size": "data.min_size=512 data.max_size=512, or use experiment=own_data (recipe=auto fits the resize "
+                     "to the training set)",
+    "data.max_size": "data.max_size=512, or use experiment=own_data (recipe=auto fits the resize to the training set)",
+}
 
 
 def _number(cfg: DictConfig, key: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
@@ -82,12 +91,18 @@ def _keys(node, prefix: str = "") -> set[str]:
 
 @lru_cache(maxsize=None)
 def known_keys(group: str) -> frozenset[str]:
-    """Every key the presets of a config group (``configs/<group>/*.yaml``) define: the keys the code reads."""
+    """Every key the presets of a config group define: the keys the code reads.
+
+    The union over ``configs/<group>/*.yaml`` (a preset that inherits another adds only its own keys) and over
+    the nested groups ``configs/<group>/<sub>/`` (e.g. ``data/augment/``), whose keys sit under ``<sub>.``."""
     keys: set[str] = set()
-    for path in sorted((CONFIGS / group).glob("*.yaml")):
+    folder = CONFIGS / group
+    for path in sorted(folder.glob("*.yaml")):
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         data.pop("defaults", None)
         keys |= _keys(data)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        keys |= {sub.name} | {f"{sub.name}.{key}" for key in known_keys(f"{group}/{sub.name}")}
     return frozenset(keys)
 
 
@@ -161,11 +176,12 @@ def validate_train_config(cfg: DictConfig, allow_auto: bool = False) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} is mandatory for this preset: set it on the command line, "
-                          f"e.g. {err.full_key}=/path/to/...") from None
+        raise ConfigError(f"{err.full_key} is mandatory for this preset: set it on the command line, e.g. "
+                          f"{MANDATORY_EXAMPLES.get(err.full_key, err.full_key + '=/path/to/...')}") from None
     except InterpolationResolutionError as err:
         raise ConfigError(f"cannot resolve {err.full_key}: {err.msg}") from None
     check_unknown_keys(cfg)
+    check_selected(cfg)  # an `auto` left without recipe=auto
     skip = (lambda key: allow_auto and _is_auto(cfg, key))
     if not skip("trainer.epochs"):
         _number(cfg, "trainer.epochs", 1, integer=True, allow_none=True)

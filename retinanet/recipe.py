@@ -1,6 +1,6 @@
 """``recipe=auto``: the values a user would otherwise get wrong, fitted to the training set before training.
 
-``configs/recipe/auto.yaml`` (the default of ``data=custom``) sets some values to ``auto``; ``resolve``
+``experiment=own_data`` selects it (``configs/recipe/auto.yaml``) and sets those values to ``auto``; ``resolve``
 replaces each one with a choice and its reason, from the statistics of the training set (image sizes,
 box sizes and aspect ratios, read from the annotations: nothing is decoded), the device and the run:
 
@@ -68,6 +68,14 @@ RECIPE_KEYS = ("data.min_size", "data.max_size", "model.anchors.sizes", "optim.l
 def auto_keys(cfg: DictConfig) -> list[str]:
     """The keys of ``RECIPE_KEYS`` whose value is ``auto``."""
     return [key for key in RECIPE_KEYS if is_auto(OmegaConf.select(cfg, key, default=None))]
+
+
+def check_selected(cfg: DictConfig) -> None:
+    """A value ``auto`` of ``RECIPE_KEYS`` needs recipe=auto (e.g. ``experiment=own_data recipe=none`` leaves some)."""
+    left = auto_keys(cfg)
+    if left and OmegaConf.select(cfg, "recipe.name", default=None) != "auto":
+        raise ConfigError(f"{left[0]}=auto needs recipe=auto, which fits it to the training set: set {left[0]} on "
+                          "the command line, or use experiment=own_data (recipe=auto with every such value auto)")
 
 
 def box_statistics(dataset: CocoDetection, max_images: int | None = None) -> dict:
@@ -147,9 +155,8 @@ def resolve(cfg: DictConfig, train_set: CocoDetection, device: torch.device, onl
     keys = set(auto_keys(cfg)) & (only if only is not None else set(auto_keys(cfg)))
     if not keys:
         return []
+    check_selected(cfg)
     recipe = cfg.recipe
-    if recipe.get("name") != "auto":
-        raise ConfigError(f"{sorted(keys)[0]}=auto needs recipe=auto (it fits such values to the training set)")
     choices: list[Choice] = []
     stats = box_statistics(train_set, recipe.max_images)
 

@@ -31,7 +31,7 @@ def run(cfg: DictConfig, out_dir) -> dict:
         raise ExportError(f"format={fmt!r} must be one of {list(FORMATS)}")
     output = Path(cfg.output) if cfg.output else Path(out_dir) / f"retinanet_{graph}{SUFFIXES[fmt]}"
     start = time.perf_counter()
-    detector, meta_path = export_checkpoint(cfg.checkpoint, fmt, graph, output, cfg.min_size, cfg.max_size,
+    detector, meta_path = export_checkpoint(cfg.checkpoint, fmt, graph, output, cfg.eval_min_size, cfg.eval_max_size,
                                             command_line_values(cfg, "postprocess"), str(cfg.weights))
     meta = json.loads(meta_path.read_text())
     print(f"exported {cfg.checkpoint} ({meta['weights']} weights, {len(meta['class_names'])} classes) as {fmt} / {graph} "

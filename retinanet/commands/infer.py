@@ -119,7 +119,7 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     specs = _input_specs(cfg.input)
     images, videos, others = find_inputs(specs, exclude=out_dir)
     post = postprocess if postprocess is not None else command_line_values(cfg, "postprocess")
-    detector = load_detector(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, post, cfg.precision)
+    detector = load_detector(cfg.checkpoint, cfg.device, cfg.eval_min_size, cfg.eval_max_size, post, cfg.precision)
     if others:
         log.info("skipped %d non-image files, e.g. %s", len(others), [str(p) for p in others[:5]])
     entries, anns, unreadable = _detect_images(cfg, detector, images, out_dir) if images else ([], [], [])

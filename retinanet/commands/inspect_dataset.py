@@ -9,7 +9,7 @@ model / loss overrides as for training, e.g. model.anchors.sizes=[8,16,32,64,128
 
 Examples:
     retinanet-inspect                      # the embedded shapes dataset
-    retinanet-inspect data=custom data.train_ann=mine/train.json data.train_images=mine/img
+    retinanet-inspect experiment=own_data data.train_ann=mine/train.json data.train_images=mine/img
 """
 
 import logging
@@ -36,7 +36,7 @@ def run(cfg: DictConfig, out_dir) -> dict:
         raise ConfigError(f"split={cfg.split!r} must be train or val")
     if cfg.data.generate is not None:
         instantiate(cfg.data.generate)
-    # recipe=auto (data=custom): examine the resize and anchors training would pick
+    # recipe=auto (experiment=own_data): examine the resize and anchors training would pick
     recipe.apply(cfg, resolve_device("auto"), only={"data.min_size", "data.max_size", "model.anchors.sizes"})
     dataset = build_dataset(cfg.data, cfg.split, train=False)
     stats = dataset_statistics(dataset)

@@ -75,7 +75,8 @@ DETAIL["GPU-relevant tests"]=$(tail -n 1 "$LOG/pytest_more.log")
 
 # 2. R50 at 800 px, bf16-mixed, 2 minutes of training from scratch on larger generated shapes, then evaluation
 step "R50 800px bf16 2-min train" 300 "$LOG/train.log" "$PY" scripts/train.py \
-    model=retinanet_r50 model.net.weights=null model.net.norm=bn model.net.frozen_stages=0 optim=sgd \
+    model=retinanet_r50 loss=focal trainer=default optim=sgd \
+    model.net.weights=null model.net.norm=bn model.net.frozen_stages=0 \
     device=cuda trainer.precision=bf16-mixed trainer.channels_last=true trainer.time_limit=120 trainer.epochs=100 \
     trainer.batch_size=16 trainer.eval_batch_size=32 trainer.num_workers=10 trainer.progress=false \
     trainer.max_bad_steps=20 evaluation.plots.enabled=false \

@@ -202,7 +202,7 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_training_reports_an_unreadable_image_as_one_line_with_exit_code_2(tmp_path):
     ann, img_dir = make_dataset(tmp_path, bad={"a2.png"})
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "data=custom",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=own_data",
                            f"data.train_ann={ann}", f"data.train_images={img_dir}", f"data.val_ann={ann}",
                            f"data.val_images={img_dir}", "data.min_size=32", "data.max_size=48", "trainer.epochs=1",
                            "trainer.time_limit=null", "trainer.batch_size=2", "trainer.num_workers=1",
@@ -275,7 +275,7 @@ def test_a_run_whose_boxes_the_loader_dropped_trains_evaluates_draws_and_saves(t
     paths = [f"data.{split}_{kind}={path}" for split in ("train", "val")
              for kind, path in (("ann", ann), ("images", img_dir))]
     out = tmp_path / "run"
-    run(compose_train(["data=custom", *paths, "data.min_size=32", "data.max_size=48", "trainer.epochs=1",
+    run(compose_train(["experiment=own_data", *paths, "data.min_size=32", "data.max_size=48", "trainer.epochs=1",
                        "trainer.time_limit=null", "trainer.batch_size=2", "trainer.num_workers=0",
                        "trainer.progress=false", "trainer.eval_every=0", "model.net.fpn_channels=16",
                        "model.net.head_width=16", "model.net.head_depth=1", "postprocess.score_thresh=0.0"]), out)

@@ -68,7 +68,7 @@ def test_a_tiny_pair_runs_both_sides_and_reports_both(tmp_path, capsys):
     for r in sides.values():
         assert r["images"] > 0 and 0 <= r["AP"] <= 1
     assert sides["ours"]["train_seconds"] <= 3.0  # ours never overruns; the script's first step may
-    ours_cmd = (out / "pair1" / "ours.cmd").read_text()  # the README's command: data=custom and a time limit
-    assert "data=custom" in ours_cmd and "trainer.time_limit=3" in ours_cmd and "model=" not in ours_cmd
+    ours_cmd = (out / "pair1" / "ours.cmd").read_text()  # the README's command: experiment=own_data, a time limit
+    assert "experiment=own_data" in ours_cmd and "trainer.time_limit=3" in ours_cmd and "model=" not in ours_cmd
     assert json.loads((out / "summary.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
     assert "| 1 | ours |" in (out / "summary.md").read_text() and "mean AP" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
@@ -146,6 +147,15 @@ def test_experiment_coco_is_the_papers_setup():
     assert (cfg.optim._target_, cfg.optim.lr, cfg.optim.reference_batch_size) == ("retinanet.optim.sgd", 0.01, 16)
     assert cfg.trainer.epochs == 12 and cfg.trainer.precision == "32" and cfg.trainer.time_limit is None
     assert compose_train(["experiment=coco", "loss=focal_cpu"]).loss.gamma == 0.5  # the command line wins
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=own_data", *OWN], ["model=torchvision_v1", "loss=focal"]])
+def test_inspect_sees_what_training_sees(overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        inspect = compose(config_name="inspect", overrides=overrides)
+    own = {"split", "max_images", "num_samples", "output", "progress"}  # retinanet-inspect's own settings
+    assert own < set(inspect.keys())
+    assert OmegaConf.masked_copy(inspect, list(set(inspect.keys()) - own)) == compose_train(overrides)
 
 
 def real_files(tmp_path) -> list[str]:

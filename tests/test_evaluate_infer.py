@@ -138,7 +138,7 @@ def test_evaluate_matches_classes_by_name_and_refuses_other_classes(tiny_run, ba
 
 # inference larger than the training resize (a test of the override): P7 stays above 1x1, which a
 # GroupNorm head cannot normalise for a batch of one image
-LARGER = ("min_size=160", "max_size=224")
+LARGER = ("eval_min_size=160", "eval_max_size=224")
 
 
 def test_infer_on_a_folder(tiny_run, tmp_path):

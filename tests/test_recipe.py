@@ -1,4 +1,4 @@
-"""recipe=auto (the default of data=custom): the resize, anchors, learning rate and run length fitted to the
+"""recipe=auto (selected by experiment=own_data): the resize, anchors, learning rate and run length fitted to the
 training set. Tiny boxes get small anchors, large boxes large ones, a pretrained backbone the fine-tuning rate,
 a time limit a run that fills it; a value given on the command line is never changed."""
 
@@ -37,26 +37,27 @@ def write_dataset(tmp_path, box_side: float, n: int = 12, size=(640, 480)) -> tu
     return ann, img_dir
 
 
-def custom(ann, img_dir, *extra) -> list[str]:
-    return ["data=custom", f"data.train_ann={ann}", f"data.train_images={img_dir}", f"data.val_ann={ann}",
+def own_data(ann, img_dir, *extra) -> list[str]:
+    return ["experiment=own_data", f"data.train_ann={ann}", f"data.train_images={img_dir}", f"data.val_ann={ann}",
             f"data.val_images={img_dir}", *extra]
 
 
 def fitted(tmp_path, box_side, *extra, device="cpu"):
     ann, img_dir = write_dataset(tmp_path, box_side)
-    cfg = compose_train(custom(ann, img_dir, *extra))
+    cfg = compose_train(own_data(ann, img_dir, *extra))
     validate_train_config(cfg, allow_auto=True)
     choices = recipe.resolve(cfg, CocoDetection(ann, img_dir), torch.device(device))
     validate_train_config(cfg)  # every auto value replaced by a valid one
     return cfg, {c.key: c for c in choices}
 
 
-def test_data_custom_selects_the_recipe_and_recipe_none_keeps_the_presets():
-    cfg = compose_train(custom("a.json", "img"))
+def test_experiment_own_data_selects_the_recipe_and_recipe_none_keeps_the_presets():
+    cfg = compose_train(own_data("a.json", "img"))
     assert cfg.recipe.name == "auto"
     assert set(recipe.auto_keys(cfg)) == {"data.min_size", "data.max_size", "model.anchors.sizes", "optim.lr",
                                           "optim.weight_decay", "trainer.epochs"}
-    plain = compose_train(custom("a.json", "img", "recipe=none", "data.min_size=320", "data.max_size=320"))
+    plain = compose_train(["data=custom", *own_data("a.json", "img")[1:], "data.min_size=320", "data.max_size=320"])
+    assert plain.recipe.name == "none"
     assert recipe.auto_keys(plain) == [] and plain.model.anchors.sizes == [16, 32, 64, 128, 256]
     assert recipe.auto_keys(compose_train()) == []  # the embedded demo: its own tuned values
 
@@ -143,16 +144,18 @@ def test_a_gpu_gets_a_larger_resize_cap(tmp_path):
     assert cpu_cfg.data.max_size == 512 and gpu_cfg.data.max_size == 640  # never enlarged beyond the images
     ann, img_dir = write_dataset(tmp_path / "big", 8, size=(2000, 1500))
     stats = recipe.box_statistics(CocoDetection(ann, img_dir))
-    cap = compose_train(custom(ann, img_dir)).recipe
+    cap = compose_train(own_data(ann, img_dir)).recipe
     assert recipe.choose_side(stats, cap, torch.device("cpu"))[0] == cap.max_side_cpu
     assert recipe.choose_side(stats, cap, torch.device("cuda"))[0] == cap.max_side_gpu
 
 
 def test_auto_without_the_recipe_is_a_clear_error(tmp_path):
     ann, img_dir = write_dataset(tmp_path, 60)
-    cfg = compose_train(custom(ann, img_dir, "recipe=none"))  # data.min_size / max_size are auto in data=custom
-    with pytest.raises(ConfigError, match="data.max_size=auto needs recipe=auto"):
+    cfg = compose_train(own_data(ann, img_dir, "recipe=none"))  # experiment=own_data's autos left without the recipe
+    with pytest.raises(ConfigError, match="data.min_size=auto needs recipe=auto.*or use experiment=own_data"):
         recipe.resolve(cfg, CocoDetection(ann, img_dir), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="data.min_size=auto needs recipe=auto"):
+        validate_train_config(cfg, allow_auto=True)  # before any work
 
 
 def test_box_statistics_read_the_annotations(tmp_path):

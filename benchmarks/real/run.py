@@ -10,7 +10,7 @@ What it does, as a new user would:
    ``data/<dataset>/``; ``--categories`` keeps some classes only (``make_subset.py``);
 2. starts the two trainings at the same moment, each pinned to its own core with one thread
    (``taskset``, ``OMP_NUM_THREADS=1``; the cores swap between pairs):
-   - ours: ``scripts/train.py data=custom trainer.time_limit=S`` and the four paths, nothing else but
+   - ours: ``scripts/train.py experiment=own_data trainer.time_limit=S`` and the four paths, nothing else but
      ``trainer.threads=1`` (the README's own-data command; ``recipe=auto`` does the rest);
    - the reference: ``tv_reference.py --seconds S`` (torchvision RetinaNet, ResNet-18 FPN, 320 px, AdamW 1e-3,
      from scratch; its docstring has the whole recipe);
@@ -69,7 +69,7 @@ def convert(voc: Path, out: Path, eval_split: str, categories: str | None) -> di
 
 
 def commands(files: dict[str, Path], images: Path, seconds: float, run_dir: Path, ours_extra: list[str]):
-    ours = [sys.executable, str(ROOT / "scripts" / "train.py"), "data=custom", f"trainer.time_limit={seconds:g}",
+    ours = [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=own_data", f"trainer.time_limit={seconds:g}",
             f"data.train_ann={files['train']}", f"data.train_images={images}",
             f"data.val_ann={files['val']}", f"data.val_images={images}",
             "trainer.threads=1", "trainer.progress=false", f"hydra.run.dir={run_dir / 'ours'}", *ours_extra]

@@ -46,7 +46,7 @@ def main() -> None:
     from retinanet.engine import TrainStep
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", ["data=custom", f"data.train_ann={args.ann}", f"data.train_images={args.images}",
+        cfg = compose("train", ["experiment=own_data", f"data.train_ann={args.ann}", f"data.train_images={args.images}",
                                 f"data.val_ann={args.ann}", f"data.val_images={args.images}",
                                 f"data.min_size={args.size}", f"data.max_size={args.size}", "data.size_divisible=32",
                                 "model=retinanet_r18_cpu", "model.anchors.sizes=[16,32,64,128,256]", *overrides])

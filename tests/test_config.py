@@ -158,6 +158,17 @@ def test_inspect_sees_what_training_sees(overrides):
     assert OmegaConf.masked_copy(inspect, list(set(inspect.keys()) - own)) == compose_train(overrides)
 
 
+def test_the_run_log_names_each_groups_choice():
+    from retinanet.commands.train import describe_choices
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=own_data", "loss=focal"], return_hydra_config=True)
+    line = describe_choices(cfg.hydra.runtime.choices)
+    assert line.startswith("data=custom data/augment=flip model=retinanet_r18_cpu model/anchors=paper loss=focal ")
+    assert line.endswith(" recipe=auto postprocess=default evaluation=default experiment=own_data")
+    assert "hydra" not in line
+
+
 def real_files(tmp_path) -> list[str]:
     """Overrides that make every data preset's paths exist (validation checks them)."""
     for name in ("annotations/instances_train2017.json", "annotations/instances_val2017.json", "train2017",
@@ -284,4 +295,8 @@ def test_train_script_reports_bad_override_without_traceback(tmp_path):
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "trainer.epochs=0 must be >= 1" in proc.stderr + proc.stdout
+    # the run log names each group's choice first: the CPU demo's defaults
+    assert ("config groups: data=shapes data/augment=flip model=retinanet_r18_cpu model/anchors=paper loss=focal_cpu "
+            "loss/matcher=paper optim=adamw schedule=cosine trainer=cpu recipe=none postprocess=default "
+            "evaluation=default\n") in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr

@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from benchmarks.models import CONFIGS, make_batch  # noqa: E402
+from benchmarks.models import config, make_batch  # noqa: E402
 from benchmarks.timing import interleaved, round_ratio  # noqa: E402
 from retinanet.engine import TrainStep  # noqa: E402
 from retinanet.optim import param_groups  # noqa: E402
@@ -35,14 +34,11 @@ VARIANTS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {
 
 
 def demo_model(num_classes: int = 3, seed: int = 0):
-    cfg = OmegaConf.load(CONFIGS / "model" / "retinanet_r18_cpu.yaml")
+    cfg = config("model", "retinanet_r18_cpu")
     torch.manual_seed(seed)
     anchors = instantiate(cfg.anchors)
     model = instantiate(cfg.net, num_classes=num_classes, num_anchors=anchors.num_anchors_per_location)
-    loss = OmegaConf.merge(OmegaConf.load(CONFIGS / "loss" / "focal.yaml"),
-                           {k: v for k, v in OmegaConf.load(CONFIGS / "loss" / "focal_cpu.yaml").items()
-                            if k != "defaults"})
-    return model, anchors, instantiate(loss, num_classes=num_classes)
+    return model, anchors, instantiate(config("loss", "focal_cpu"), num_classes=num_classes)
 
 
 def adamw(model, **impl):

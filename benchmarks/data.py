@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from retinanet.config import CONFIGS
+from retinanet.config import load_preset
 
 REPO = Path(__file__).resolve().parents[1]  # the clone
 
@@ -34,7 +34,7 @@ FULL_AUGMENT = {"hflip_prob": 0.5, "scale_range": [0.8, 1.2], "translate": 0.1, 
 
 
 def data_config(root: Path):
-    cfg = OmegaConf.load(CONFIGS / "data" / "shapes.yaml")
+    cfg = load_preset("data", "shapes")
     cfg.root = str(root)
     cfg.augment = OmegaConf.merge(cfg.augment, FULL_AUGMENT)
     return cfg
@@ -44,7 +44,7 @@ def loader_images_per_s(root: Path, batches: int = 10, batch_size: int | None = 
                         num_workers: int | None = None) -> dict:
     from retinanet.data.build import build_dataset, build_loader
 
-    trainer = OmegaConf.load(CONFIGS / "trainer" / "default.yaml")
+    trainer = load_preset("trainer", "default")
     batch_size = int(batch_size or trainer.batch_size)
     num_workers = int(trainer.num_workers if num_workers is None else num_workers)
     cfg = data_config(root)

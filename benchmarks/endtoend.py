@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.data import data_config
 from benchmarks.models import preset
-from retinanet.config import CONFIGS
+from retinanet.config import compose_config, load_preset
 
 
 def _infer_module():
@@ -36,7 +36,7 @@ def make_checkpoint(out: Path, root: Path, preset_name: str = "retinanet_r18_cpu
     model_cfg.net.prior_prob = 0.1
     anchors = instantiate(model_cfg.anchors)
     model = instantiate(model_cfg.net, num_classes=val.num_classes, num_anchors=anchors.num_anchors_per_location)
-    post = OmegaConf.load(CONFIGS / "postprocess" / "default.yaml")
+    post = load_preset("postprocess", "default")
     config = {"model": OmegaConf.to_container(model_cfg, resolve=True),
               "data": OmegaConf.to_container(data, resolve=True), "postprocess": OmegaConf.to_container(post)}
     label_map = {"class_names": list(val.class_names), "category_ids": [int(c) for c in val.label_to_cat_id]}
@@ -60,10 +60,9 @@ def run(out: Path, root: Path, images: int = 64, batch_size: int = 8, repeats: i
             target.write_bytes(src.read_bytes())
     ckpt = make_checkpoint(out, root)
     infer = _infer_module()
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "infer.yaml"),
+    cfg = OmegaConf.merge(compose_config(config_name="infer"),
                           {"checkpoint": str(ckpt), "input": str(folder), "output": str(out / "infer"),
                            "device": "cpu", "render": False, "progress": False, "batch_size": batch_size})
-    cfg.pop("hydra", None)
 
     detector = Detector.from_checkpoint(ckpt, "cpu")
     paths, _, _ = find_images(str(folder))

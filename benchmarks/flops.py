@@ -230,13 +230,11 @@ def split(step, steps: int = 2, next_batch=None) -> dict:
 
 def loader_batches(root, batch_size: int, num_workers: int | None = None):
     """``next_batch`` for ``split``: batches of the trainer's DataLoader on the shapes data (item 5's loader)."""
-    from omegaconf import OmegaConf
-
     from benchmarks.data import data_config
-    from benchmarks.models import CONFIGS
+    from retinanet.config import load_preset
     from retinanet.data.build import build_dataset, build_loader
 
-    trainer = OmegaConf.load(CONFIGS / "trainer" / "default.yaml")
+    trainer = load_preset("trainer", "default")
     workers = int(trainer.num_workers if num_workers is None else num_workers)
     cfg = data_config(root)
     loader = build_loader(build_dataset(cfg, "train", train=True), batch_size, True, workers, cfg.size_divisible,

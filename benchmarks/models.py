@@ -8,25 +8,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.scene import random_boxes
 from benchmarks.tv import same_architecture, torchvision_retinanet
-from retinanet.config import CONFIGS
+from retinanet.config import load_preset
 from retinanet.data.collate import Batch
 from retinanet.torchvision_weights import convert_torchvision_state_dict
 
 
 def preset(name: str) -> DictConfig:
-    """``configs/model/<name>.yaml`` with random initialisation (``weights: null``: nothing downloaded).
+    """``configs/model/<name>.yaml`` (with its anchors) with random initialisation (``weights: null``: nothing downloaded).
 
     The subnets get torchvision's four conv layers (the CPU preset trains with two, which
     ``RetinaNetHead`` cannot build): the comparison needs the same layers on both sides.
     """
-    cfg = OmegaConf.load(CONFIGS / "model" / f"{name}.yaml")
+    cfg = load_preset("model", name)
     cfg.net.weights = None
     cfg.net.head_depth = 4
     return cfg
 
 
 def config(group: str, name: str) -> DictConfig:
-    return OmegaConf.load(CONFIGS / group / f"{name}.yaml")
+    return load_preset(group, name)
 
 
 def build_pair(name: str, num_classes: int, image_hw: tuple[int, int], seed: int = 0):

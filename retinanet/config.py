@@ -6,6 +6,8 @@
 - ``build(node, **kwargs)``: ``hydra.utils.instantiate`` for the groups with a ``_target_`` (model,
   loss, optim, schedule, postprocess, ...): each constructor checks its own arguments, and its
   ``ValueError`` / unknown keyword comes back as a ``ConfigError`` naming the group and the key.
+- ``compose_config`` / ``load_preset``: a config or one preset as the commands compose it, outside a
+  command (a preset's file alone lacks what its defaults list inherits: ``model/anchors``, ...).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +30,20 @@ from retinanet.runtime import PRECISIONS
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the Hydra config tree (package data; pkg://retinanet.configs)
 # top-level groups whose nodes are built by their _target_ (their constructors check their own keys)
 BUILT_GROUPS = ("loss", "optim", "schedule", "postprocess")
+
+
+def compose_config(overrides=(), config_name: str = "train") -> DictConfig:
+    """``configs/<config_name>.yaml`` with these overrides, as its command composes it (Hydra's compose API)."""
+    if GlobalHydra.instance().is_initialized():  # inside a command or an initialize() block: its config tree
+        return compose(config_name=config_name, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def load_preset(group: str, name: str) -> DictConfig:
+    """``configs/<group>/<name>.yaml`` with what its defaults list inherits, as training composes it (a plain,
+    detached copy: relative interpolations such as data's ``${.root}`` resolve within it)."""
+    return OmegaConf.create(OmegaConf.to_container(compose_config([f"{group}={name}"])[group], resolve=False))
 
 
 def build(node, **kwargs):

@@ -214,9 +214,9 @@ def torchvision_eval_config(variant: str) -> dict:
     strides, 300 detections per image, resize 800 / 1333 and padding to 32."""
     from omegaconf import OmegaConf
 
-    from retinanet.config import CONFIGS
+    from retinanet.config import load_preset
 
-    model = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{PRESETS[variant]}.yaml"), resolve=True)
+    model = OmegaConf.to_container(load_preset("model", PRESETS[variant]), resolve=True)
     model["anchors"]["strides_from_image"] = True
     return {"model": model, "postprocess": dict(TORCHVISION_POSTPROCESS), "data": dict(TORCHVISION_DATA)}
 

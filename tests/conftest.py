@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from retinanet import config
 
@@ -15,8 +14,7 @@ CONFIGS = str(config.CONFIGS)  # the package's config tree (configs/ in the clon
 
 def compose_train(overrides=()):
     """The training config as `retinanet-train` (scripts/train.py) would see it with these overrides."""
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return config.compose_config(overrides)
 
 
 @pytest.fixture(scope="session")

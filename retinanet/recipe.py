@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retinanet.anchors import AnchorGenerator
 from retinanet.data.coco import CocoDetection
+from retinanet.data.statistics import best_anchor_iou
 from retinanet.errors import ConfigError
-from retinanet.inspect import best_anchor_iou
 from retinanet.matcher import Matcher
 
 log = logging.getLogger(__name__)

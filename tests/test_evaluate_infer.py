@@ -22,9 +22,9 @@ from retinanet import Detector
 from retinanet.checkpoint import CheckpointError, load_checkpoint
 from retinanet.data.build import SkippingCollate, build_dataset, eval_resize
 from retinanet.data.transforms import resized_shape
+from retinanet.deploy.inputs import InputError
 from retinanet.detector import LabelMapError
 from retinanet.evaluation import STAT_LABELS, STAT_NAMES
-from retinanet.inference import InputError
 from retinanet.trainer import run as train
 
 from conftest import CONFIGS, ROOT, compose_train, tiny_train_overrides
@@ -200,7 +200,7 @@ def test_infer_on_a_folder(tiny_run, tmp_path):
 
 
 def test_clear_errors_for_inputs_and_checkpoints(tmp_path):
-    from retinanet.inference import find_images
+    from retinanet.deploy.inputs import find_images
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="folder .*empty.* holds no image file"):

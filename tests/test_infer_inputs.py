@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from retinanet.deploy.inputs import InputError, find_inputs, load_detector
+from retinanet.deploy.video import read_frames, video_info
 from retinanet.detector import Detector
 from retinanet.errors import ConfigError
-from retinanet.inference import InputError, find_inputs, load_detector
-from retinanet.video import read_frames, video_info
 
 from test_evaluate_infer import compose_cfg, load_script
 

@@ -1,4 +1,4 @@
-"""The PNG pictures of a run (retinanet.plots): the confusion-matrix counting on hand-made boxes, the files a
+"""The PNG pictures of a run (retinanet.report.plots): the confusion-matrix counting on hand-made boxes, the files a
 training run and scripts/evaluate.py write (valid PNGs of sensible size), counts that add up to the data, and
 the per-step curves that are TensorBoard's values and survive a checkpoint."""
 
@@ -17,7 +17,7 @@ from retinanet.checkpoint import load_checkpoint
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
 from retinanet.evaluation import evaluate
-from retinanet.plots import (
+from retinanet.report.plots import (
     confusion_matrix,
     dataset_confusion,
     dataset_labels,

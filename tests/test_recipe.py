@@ -92,7 +92,7 @@ def test_a_rare_class_counts_as_much_as_a_common_one_in_the_anchor_fit(monkeypat
 
 @pytest.mark.parametrize("box_side", [12, 24, 60, 300])
 def test_the_fitted_anchors_cover_the_boxes(tmp_path, box_side):
-    from retinanet.inspect import anchor_coverage
+    from retinanet.data.statistics import anchor_coverage
     from retinanet.matcher import Matcher
 
     cfg, _ = fitted(tmp_path, box_side)

@@ -18,7 +18,7 @@ import torch
 from retinanet.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.data.samplers import EpochBatchSampler, SeededSamples, sample_seed
-from retinanet.resume import StopSignal
+from retinanet.signals import StopSignal
 from retinanet.trainer import run
 
 import pause_write

@@ -27,13 +27,13 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from retinanet.checkpoint import atomic_write_json
 from retinanet.cli import command_line_values, run_or_exit
 from retinanet.data.build import build_loader
 from retinanet.data.image_io import ImageReadError, load_rgb
-from retinanet.inference import ImageFiles, find_inputs, load_detector
-from retinanet.video import VideoReadError, VideoWriter, detect_video, video_info
-from retinanet.visualize import draw_detections
+from retinanet.deploy.inputs import ImageFiles, find_inputs, load_detector
+from retinanet.deploy.video import VideoReadError, VideoWriter, detect_video, video_info
+from retinanet.files import atomic_write_json
+from retinanet.report.visualize import draw_detections
 
 log = logging.getLogger("infer")
 

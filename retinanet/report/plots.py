@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from retinanet.checkpoint import atomic_write_json
-from retinanet.tensorboard import draw_eval_image, num_gt_per_class, pr_curve_arrays
+from retinanet.files import atomic_write_json
+from retinanet.report.tensorboard import draw_eval_image, num_gt_per_class, pr_curve_arrays
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from retinanet.data.image_io import ImageReadError
 from retinanet.data.transforms import resized_shape
 from retinanet.losses import alpha_from_counts
 from retinanet.matcher import Matcher
-from retinanet.visualize import draw_ground_truth
+from retinanet.report.visualize import draw_ground_truth
 
 log = logging.getLogger(__name__)
 SIZE_EDGES = (0, 16, 32, 64, 128, 256, 512, math.inf)  # buckets of sqrt(box area) in resized pixels

@@ -3,7 +3,7 @@ images as a dataset of ``Collate`` samples; and the detector that runs them (a c
 ONNX model).
 
 The detections themselves come from ``retinanet.detector.Detector`` (or its ONNX twin,
-``retinanet.onnx_detector.OnnxDetector``), like everywhere else.
+``retinanet.deploy.onnx_detector.OnnxDetector``), like everywhere else.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from retinanet.data.image_io import IMAGE_EXTENSIONS, ImageReadError, load_rgb
+from retinanet.deploy.video import VIDEO_EXTENSIONS
 from retinanet.detector import Detector, image_sample
 from retinanet.errors import ConfigError, UserError
 from retinanet.runtime import inference_dtype
-from retinanet.video import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_detector(checkpoint, device="auto", min_size: int | None = None, max_si
         if str(precision) not in ("auto", "32"):
             raise ConfigError(f"precision={precision}: {checkpoint} is an ONNX model exported in fp32; run it with "
                               "precision=32 (or auto), or run the checkpoint for bf16 / fp16")
-        from retinanet.onnx_detector import OnnxDetector
+        from retinanet.deploy.onnx_detector import OnnxDetector
 
         return OnnxDetector(checkpoint, device, min_size, max_size, postprocess)
     if suffix == ".pt2":

@@ -12,15 +12,15 @@ import datetime
 from pathlib import Path
 
 from retinanet.budget import train_seconds
-from retinanet.checkpoint import atomic_write_json, atomic_write_text
 from retinanet.evaluation import STAT_NAMES
+from retinanet.files import atomic_write_json, atomic_write_text
 
 HEADLINE = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 
 
 def model_card(config: dict, label_map: dict, provenance: dict | None, history: list[dict], metrics: dict | None,
                step: int, parameters: int, checkpoint: str = "best.pt") -> dict:
-    """The facts of a checkpoint: ``config`` (resolved), ``label_map``, ``provenance`` (``retinanet.provenance``),
+    """The facts of a checkpoint: ``config`` (resolved), ``label_map``, ``provenance`` (``retinanet.report.provenance``),
     ``history`` up to and including its epoch, ``metrics`` (the evaluation that made it best), ``step``."""
     provenance = provenance or {}
     trainer = config.get("trainer", {})

@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from retinanet import distributed
+from retinanet.boxes import xywh_to_xyxy, xyxy_to_xywh
 from retinanet.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,19 +52,26 @@ STAT_LABELS = (
 )
 
 
-def to_coco_results(detections: list[dict], image_ids, label_to_cat_id: list[int]) -> list[dict]:
-    """Per-image ``{boxes xyxy, scores, labels}`` -> COCO result dicts (xywh, dataset category ids)."""
+def to_coco_results(detections: list[dict], image_ids, label_to_cat_id: list[int],
+                    class_names: list[str] | None = None) -> list[dict]:
+    """Per-image ``{boxes xyxy, scores, labels}`` -> COCO result dicts: ``image_id``, ``category_id`` (the dataset's
+    ids), ``bbox`` (xywh, 2 decimals), ``score`` (5 decimals). With ``class_names`` (inference's detections JSON)
+    each also gets COCO's annotation fields ``category_name``, ``area`` (w * h, 2 decimals) and ``iscrowd`` 0."""
     cat_ids = np.asarray(label_to_cat_id)
     results = []
     for det, image_id in zip(detections, image_ids):
         boxes = det["boxes"].detach().cpu().double().numpy()
         if len(boxes) == 0:
             continue
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
+        xywh = xyxy_to_xywh(boxes)
+        # 5 decimals chosen in float32 (COCOeval ranks by them), written as those decimals, not float32's neighbours
         scores = det["scores"].detach().cpu().numpy().round(5)
-        cats = cat_ids[det["labels"].detach().cpu().numpy()]
-        for box, score, cat in zip(xywh.tolist(), scores.tolist(), cats.tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(cat), "bbox": box, "score": float(score)})
+        labels = det["labels"].detach().cpu().numpy()
+        for box, wh, score, label in zip(xywh.round(2).tolist(), xywh[:, 2:].tolist(), scores.tolist(), labels.tolist()):
+            result = {"image_id": int(image_id), "category_id": int(cat_ids[label]), "bbox": box, "score": round(score, 5)}
+            if class_names is not None:
+                result.update(category_name=class_names[label], area=round(wh[0] * wh[1], 2), iscrowd=0)
+            results.append(result)
     return results
 
 
@@ -216,8 +224,7 @@ def ground_truth_as_detections(coco_gt: COCO, cat_id_to_label: dict[int, int], i
     dets = []
     for image_id in image_ids:
         anns = [a for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id])) if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns], dtype=torch.float64).reshape(-1, 4)
+        boxes = torch.from_numpy(xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)))
         labels = torch.tensor([cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         dets.append({"boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels})
     return dets

@@ -195,7 +195,8 @@ def test_infer_on_a_folder(tiny_run, tmp_path):
     assert torch.allclose(from_path["boxes"], det["boxes"]) and torch.equal(from_path["labels"], det["labels"])
     assert from_path["class_names"] == [detector.class_names[k] for k in det["labels"].tolist()]
     image = Image.open(folder / "a.png")
-    many = detector.predict([image, np.asarray(image.convert("RGB"))])
+    # one at a time: the tiny run scores every anchor about 0.01-0.03, and in a batch of two near-ties may swap places
+    many = detector.predict([image, np.asarray(image.convert("RGB"))], batch_size=1)
     assert len(many) == 2 and all(torch.allclose(r["boxes"], det["boxes"]) for r in many)
 
 

@@ -5,7 +5,6 @@ Python API (``Detector.predict``), and clear failures (exit code 2, no traceback
 an empty folder."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -15,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from retinanet import Detector
@@ -27,24 +25,7 @@ from retinanet.detector import LabelMapError
 from retinanet.evaluation import STAT_LABELS, STAT_NAMES
 from retinanet.trainer import run as train
 
-from conftest import CONFIGS, ROOT, compose_train, tiny_train_overrides
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def compose_cfg(name: str, overrides):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
-
-
-def eval_overrides(ckpt, root, *extra):
-    return [f"checkpoint={ckpt}", f"data.root={root}", "data.generate=null", "progress=false", *extra]
-
+from conftest import ROOT, compose_cfg, compose_train, eval_overrides, load_script, tiny_train_overrides
 
 BASE = ("batch_size=8",)
 LOW = {"score_thresh": 0.001}  # postprocess.score_thresh=0.001 on the command line

@@ -39,8 +39,7 @@ from retinanet.deploy.export import (
 from retinanet.detector import Detector, image_sample
 from retinanet.postprocess import PostProcessor
 
-from conftest import ROOT
-from test_evaluate_infer import compose_cfg, load_script
+from conftest import ROOT, compose_cfg, load_script
 
 RAW_ATOL = 1e-4
 SIZES = ({"min_size": None, "max_size": None, "batch": 3},   # the checkpoint's resize (64 / 96): 64-96 px inputs

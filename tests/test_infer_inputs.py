@@ -16,7 +16,7 @@ from retinanet.deploy.video import read_frames, video_info
 from retinanet.detector import Detector
 from retinanet.errors import ConfigError
 
-from test_evaluate_infer import compose_cfg, load_script
+from conftest import compose_cfg, load_script
 
 LOW = {"score_thresh": 0.001}
 

@@ -17,8 +17,7 @@ from retinanet.detector import Detector
 from retinanet.evaluation import dataset_confusion, evaluate
 from retinanet.report.plots import plot_ap_history, plot_loss_lr, write_run_plots
 
-from conftest import compose_train, tiny_train_overrides
-from test_evaluate_infer import compose_cfg, eval_overrides, load_script
+from conftest import compose_cfg, compose_train, eval_overrides, load_script, tiny_train_overrides
 
 RUN_PICTURES = ("loss_lr.png", "ap_history.png", "pr_curves_iou50.png", "confusion_matrix.png", "val_images.png")
 

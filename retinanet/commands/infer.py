@@ -37,8 +37,9 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     images, videos, skipped = find_inputs(specs, exclude=out_dir)
     post = postprocess if postprocess is not None else command_line_values(cfg, "postprocess")
     detector = load_detector(cfg.checkpoint, cfg.device, cfg.min_size, cfg.max_size, post, cfg.precision)
-    result = infer(detector, images, videos, out_dir, skipped, str(cfg.checkpoint), specs, cfg.batch_size,
-                   cfg.num_workers, cfg.render, cfg.render_score_thresh, cfg.progress)
+    result = infer(detector, images, videos, out_dir, skipped=skipped, checkpoint=str(cfg.checkpoint), specs=specs,
+                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, render=cfg.render,
+                   render_score_thresh=cfg.render_score_thresh, progress=cfg.progress)
     print(summary(result, out_dir, cfg.render))
     return result
 

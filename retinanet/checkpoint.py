@@ -38,8 +38,8 @@ from retinanet.files import atomic_link, atomic_save
 if TYPE_CHECKING:
     from retinanet.engine import EpochProgress
 
-# The training loop's pieces (engine's EpochProgress, the model card) are imported where they are used: reading
-# weights (model/, torchvision_weights) imports this module, and must not load the loop, which builds models.
+# The training loop's pieces (engine.EpochProgress, the model card) are imported where they are used: the model
+# (backbone weights, init_from) imports this module to read weights, and must not depend on the loop or the reports.
 
 log = logging.getLogger(__name__)
 

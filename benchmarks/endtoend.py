@@ -27,8 +27,8 @@ def _infer_module():
 
 
 def make_checkpoint(out: Path, root: Path, preset_name: str = "retinanet_r18_cpu") -> Path:
-    from retinanet.checkpoint import atomic_save
     from retinanet.data import CocoDetection
+    from retinanet.files import atomic_save
 
     data = data_config(root)
     val = CocoDetection(data.val_ann, data.val_images)
@@ -47,8 +47,8 @@ def make_checkpoint(out: Path, root: Path, preset_name: str = "retinanet_r18_cpu
 
 def run(out: Path, root: Path, images: int = 64, batch_size: int = 8, repeats: int = 2) -> dict:
     from retinanet.data.build import build_loader
+    from retinanet.deploy.inputs import ImageFiles, find_images
     from retinanet.detector import Detector
-    from retinanet.inference import ImageFiles, find_images
 
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "images"

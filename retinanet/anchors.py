@@ -124,7 +124,7 @@ class AnchorGenerator:
 
     def grid(self, feature_shapes: Sequence[Sequence[int]], image_hw: Sequence[int],
              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``__call__`` without the cache: tensor ops on the sizes only, so an exported graph (``retinanet.export``)
+        """``__call__`` without the cache: tensor ops on the sizes only, so an exported graph (``retinanet.deploy.export``)
         computes the anchors of whatever input size it is given (sizes may be symbolic there)."""
         if len(feature_shapes) != len(self.cell_anchors):
             raise ValueError(f"anchors: got {len(feature_shapes)} feature maps {list(feature_shapes)} but anchors are "

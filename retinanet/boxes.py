@@ -2,27 +2,48 @@
 
 All boxes are ``xyxy`` in absolute pixels. Width is ``x2 - x1`` (no ``+1``) and the
 centre is ``x1 + 0.5 * width``, as in torchvision, so weights trained there transfer.
+COCO's ``xywh`` (top-left corner, width, height) exists only at the borders: annotation files
+in, results out; ``xywh_to_xyxy`` / ``xyxy_to_xywh`` are the only conversions.
+
+The conversions take tensors and numpy arrays alike and return the same kind. torch is imported
+by the functions that compute with it, not by the module: numpy-only code (the shapes generator's
+worker processes, the dataset converters) converts boxes without loading torch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
-def xyxy_to_xywh(boxes: Tensor) -> Tensor:
+def _copy(boxes):
+    """A copy of ``boxes`` of the same kind: a tensor (same dtype and device), an array (same dtype), or a
+    float64 array for a list."""
+    if isinstance(boxes, np.ndarray):
+        return boxes.copy()
+    if hasattr(boxes, "clone"):  # a tensor
+        return boxes.clone()
+    return np.array(boxes, dtype=np.float64)
+
+
+def xyxy_to_xywh(boxes):
     """``[..., 4]`` (x1, y1, x2, y2) -> (x, y, w, h) with (x, y) the top-left corner (COCO)."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack([x1, y1, x2 - x1, y2 - y1], dim=-1)
+    out = _copy(boxes)
+    out[..., 2:] -= out[..., :2]
+    return out
 
 
-def xywh_to_xyxy(boxes: Tensor) -> Tensor:
+def xywh_to_xyxy(boxes):
     """``[..., 4]`` (x, y, w, h) with (x, y) the top-left corner (COCO) -> (x1, y1, x2, y2)."""
-    x, y, w, h = boxes.unbind(-1)
-    return torch.stack([x, y, x + w, y + h], dim=-1)
+    out = _copy(boxes)
+    out[..., 2:] += out[..., :2]
+    return out
 
 
 def clip_boxes(boxes: Tensor, hw: Sequence[float] | Tensor) -> Tensor:
@@ -31,6 +52,8 @@ def clip_boxes(boxes: Tensor, hw: Sequence[float] | Tensor) -> Tensor:
     ``hw`` is ``(h, w)`` or a tensor ``[..., 2]`` that broadcasts against ``boxes[..., :1]``
     after indexing (e.g. ``[B, 1, 2]`` for boxes ``[B, N, 4]``), to clip a batch at once.
     """
+    import torch
+
     hw = torch.as_tensor(hw, dtype=boxes.dtype, device=boxes.device)
     h, w = hw[..., 0:1], hw[..., 1:2]
     x = torch.minimum(boxes[..., 0::2].clamp(min=0), w)  # [..., 2]: x1, x2
@@ -49,6 +72,8 @@ def pairwise_intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Computed one axis at a time, so the peak memory is a few ``[..., N, M]`` tensors
     (never ``[..., N, M, 2]``); the arithmetic is the same as ``torchvision.ops.box_iou``.
     """
+    import torch
+
     a, b = boxes1.unsqueeze(-2), boxes2.unsqueeze(-3)  # [..., N, 1, 4], [..., 1, M, 4]
     iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
     ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
@@ -78,6 +103,8 @@ class BoxCoder:
 
     def encode(self, anchors: Tensor, gt: Tensor) -> Tensor:
         """``anchors [..., 4]``, ``gt [..., 4]`` -> ``deltas [..., 4]``."""
+        import torch
+
         wx, wy, ww, wh = self.weights
         aw = anchors[..., 2] - anchors[..., 0]
         ah = anchors[..., 3] - anchors[..., 1]
@@ -95,6 +122,8 @@ class BoxCoder:
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
         """``deltas [..., 4]``, ``anchors [..., 4]`` -> ``boxes [..., 4]`` (xyxy, dtype of ``deltas``)."""
+        import torch
+
         wx, wy, ww, wh = self.weights
         anchors = anchors.to(deltas.dtype)
         aw = anchors[..., 2] - anchors[..., 0]

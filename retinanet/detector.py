@@ -26,7 +26,7 @@ import torch
 from hydra.utils import instantiate
 from tqdm import tqdm
 
-from retinanet.checkpoint import CheckpointError, load_checkpoint
+from retinanet.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
 from retinanet.data.build import eval_resize
 from retinanet.data.collate import Batch, Collate
 from retinanet.data.image_io import load_rgb, to_rgb_array
@@ -99,13 +99,15 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", min_size: int | None = None, max_size: int | None = None,
-                        postprocess: Mapping | None = None, weights: str = "auto") -> "Detector":
+                        postprocess: Mapping | None = None, weights: str = "auto", ckpt: Mapping | None = None
+                        ) -> "Detector":
         """Rebuild the detector of checkpoint ``path`` (see the module docstring).
 
         ``weights``: ``auto`` (the EMA weights when the checkpoint has them: those scored and picked
-        ``best.pt``), ``ema`` or ``model`` (the raw weights).
+        ``best.pt``), ``ema`` or ``model`` (the raw weights). ``ckpt``: the checkpoint already read from
+        ``path`` (``load_checkpoint``), not read again.
         """
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         for key in ("config", "label_map"):
             if key not in ckpt:
                 raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r} entry (not written by "
@@ -208,7 +210,7 @@ class Detector:
 def detect_loader(detect_batch, loader, progress: bool = True, desc: str = "detect") -> tuple[list[dict], list[int], dict]:
     """``detect_batch(batch) -> (detections, losses or None)`` over every batch of ``loader`` -> ``(detections,
     image ids, mean losses)``; each detection also holds ``orig_size`` (h, w). ``Detector.detect`` and the
-    exported-model runner (``retinanet.onnx_detector``) share it."""
+    exported-model runner (``retinanet.deploy.onnx_detector``) share it."""
     detections, image_ids, sums, batches = [], [], {}, 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         if len(batch) == 0:  # every image of the batch was skipped
@@ -222,19 +224,6 @@ def detect_loader(detect_batch, loader, progress: bool = True, desc: str = "dete
             sums[k] = sums.get(k, 0.0) + v
         batches += 1
     return detections, image_ids, {k: v / max(1, batches) for k, v in sums.items()}
-
-
-def checkpoint_weights(ckpt: Mapping, weights: str = "auto", path="checkpoint") -> dict:
-    """The state dict of a checkpoint that a detector should run: ``auto`` = the EMA weights when the run kept
-    an EMA (they are what was evaluated and chose ``best.pt``), else the raw weights."""
-    if weights not in ("auto", "ema", "model"):
-        raise ValueError(f"weights={weights!r} must be auto, ema or model")
-    ema = ckpt.get("ema")
-    if weights == "ema" and not ema:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA weights (trained without trainer.ema.decay)")
-    if weights in ("auto", "ema") and ema:
-        return ema["model"]
-    return ckpt["model"]
 
 
 def _as_rgb(item) -> np.ndarray:

@@ -25,9 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from retinanet import distributed
-from retinanet.checkpoint import atomic_save
 from retinanet.data.collate import Batch
 from retinanet.errors import UserError
+from retinanet.files import atomic_save
 from retinanet.runtime import autocast
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,9 @@ COCO results with the dataset's own category ids, COCOeval over every image of t
 that could not be read counts as one without detections: its objects are missed, not forgotten),
 the 12 standard numbers and the per-class AP. A number COCO cannot compute (-1: no ground truth in
 that area range or class) is ``None`` in the metrics and ``n/a`` when printed, never a fake 0.
+Also here: detections -> COCO results (``to_coco_results``, for every JSON of detections), the confusion
+matrix of the evaluation pictures (``confusion_matrix``), and the metrics an epoch is judged by
+(``judged_metrics``).
 
 COCOeval comes from pycocotools (the metric of record) or, with ``backend="faster_coco_eval"``
 (config ``evaluation.backend``; ``pip install 'retinanet[fast-eval]'``), from faster-coco-eval: its
@@ -27,6 +30,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from retinanet import distributed
+from retinanet.boxes import pairwise_intersection, pairwise_iou, xywh_to_xyxy, xyxy_to_xywh
 from retinanet.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,19 +55,26 @@ STAT_LABELS = (
 )
 
 
-def to_coco_results(detections: list[dict], image_ids, label_to_cat_id: list[int]) -> list[dict]:
-    """Per-image ``{boxes xyxy, scores, labels}`` -> COCO result dicts (xywh, dataset category ids)."""
+def to_coco_results(detections: list[dict], image_ids, label_to_cat_id: list[int],
+                    class_names: list[str] | None = None) -> list[dict]:
+    """Per-image ``{boxes xyxy, scores, labels}`` -> COCO result dicts: ``image_id``, ``category_id`` (the dataset's
+    ids), ``bbox`` (xywh, 2 decimals), ``score`` (5 decimals). With ``class_names`` (inference's detections JSON)
+    each also gets COCO's annotation fields ``category_name``, ``area`` (w * h, 2 decimals) and ``iscrowd`` 0."""
     cat_ids = np.asarray(label_to_cat_id)
     results = []
     for det, image_id in zip(detections, image_ids):
         boxes = det["boxes"].detach().cpu().double().numpy()
         if len(boxes) == 0:
             continue
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
+        xywh = xyxy_to_xywh(boxes)
+        # 5 decimals chosen in float32 (COCOeval ranks by them), written as those decimals, not float32's neighbours
         scores = det["scores"].detach().cpu().numpy().round(5)
-        cats = cat_ids[det["labels"].detach().cpu().numpy()]
-        for box, score, cat in zip(xywh.tolist(), scores.tolist(), cats.tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(cat), "bbox": box, "score": float(score)})
+        labels = det["labels"].detach().cpu().numpy()
+        for box, wh, score, label in zip(xywh.round(2).tolist(), xywh[:, 2:].tolist(), scores.tolist(), labels.tolist()):
+            result = {"image_id": int(image_id), "category_id": int(cat_ids[label]), "bbox": box, "score": round(score, 5)}
+            if class_names is not None:
+                result.update(category_name=class_names[label], area=round(wh[0] * wh[1], 2), iscrowd=0)
+            results.append(result)
     return results
 
 
@@ -210,14 +221,108 @@ def merge_shards(shards: list[tuple[list, list]]) -> tuple[list, list]:
     return detections, image_ids
 
 
+# ---------------------------------------------------------------- confusion matrix (the pictures of an evaluation)
+
+def confusion_matrix(detections: list[dict], ground_truths: list[dict], num_classes: int, score_thresh: float = 0.3,
+                     iou_thresh: float = 0.5) -> tuple[np.ndarray, int]:
+    """Count which class each confident detection took each ground-truth box for.
+
+    ``detections[i]`` (``boxes`` [D, 4] xyxy, ``scores`` [D], ``labels`` [D]) and ``ground_truths[i]``
+    (``boxes`` [G, 4] xyxy, ``labels`` [G], optional ``crowd`` [G] bool) are image i's, in the same pixels.
+    Returns ``(matrix, ignored)``; ``matrix`` is [K + 1, K + 1] int64, K = ``num_classes``:
+
+    - rows are the ground-truth class, columns the predicted class; row K and column K are *background*;
+    - only detections scoring at least ``score_thresh`` take part. Per image they are taken greedily by
+      score (highest first); each one matches at most one ground-truth box and each box at most one
+      detection: among the still unmatched boxes with IoU >= ``iou_thresh``, one of the detection's own
+      class if any, else any class; the highest IoU wins. Class-agnostic matching is what lets confusions
+      show: a matched pair counts in ``matrix[gt class, predicted class]`` (the diagonal when right);
+    - a detection that matches nothing is a false positive: ``matrix[K, predicted class]`` (the background
+      row); unless it lies inside a crowd region (intersection / its own area >= ``iou_thresh``, COCO's
+      rule), which COCO neither rewards nor penalises: it is counted in ``ignored`` only;
+    - a ground-truth box no detection matched is missed: ``matrix[gt class, K]`` (the background column).
+      Crowd boxes are regions to ignore, not objects: never counted;
+    - ``matrix[K, K]`` is 0.
+
+    So each ground-truth row sums to the number of (non-crowd) boxes of that class, and the predicted
+    columns 0..K-1 together sum to the confident detections less ``ignored``.
+    """
+    k_bg = num_classes
+    matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    ignored = 0
+    for det, gt in zip(detections, ground_truths):
+        gt_boxes = torch.as_tensor(np.asarray(gt["boxes"], dtype=np.float64)).reshape(-1, 4)
+        gt_labels = np.asarray(gt["labels"], dtype=np.int64).reshape(-1)
+        crowd = np.asarray(gt.get("crowd", np.zeros(len(gt_labels), bool)), dtype=bool).reshape(-1)
+        scores = torch.as_tensor(det["scores"]).double().reshape(-1)
+        keep = torch.nonzero(scores >= score_thresh).flatten()
+        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]  # greedy: best score first
+        boxes = torch.as_tensor(det["boxes"]).double().reshape(-1, 4)[keep]
+        labels = torch.as_tensor(det["labels"]).reshape(-1)[keep].numpy().astype(np.int64)
+        objects, regions = gt_boxes[torch.from_numpy(~crowd)], gt_boxes[torch.from_numpy(crowd)]
+        object_labels = gt_labels[~crowd]
+        iou = pairwise_iou(boxes, objects).numpy() if len(objects) and len(boxes) else np.zeros((len(boxes), len(objects)))
+        inside = _inside(boxes, regions)  # [D] max intersection / detection area over the crowd regions
+        taken = np.zeros(len(objects), dtype=bool)
+        for d, label in enumerate(labels.tolist()):
+            candidates = ~taken & (iou[d] >= iou_thresh)
+            if candidates.any():
+                same = candidates & (object_labels == label)
+                pool = same if same.any() else candidates
+                g = int(np.argmax(np.where(pool, iou[d], -1.0)))
+                taken[g] = True
+                matrix[object_labels[g], label] += 1
+            elif inside[d] >= iou_thresh:
+                ignored += 1
+            else:
+                matrix[k_bg, label] += 1
+        np.add.at(matrix, (object_labels[~taken], k_bg), 1)
+    return matrix, ignored
+
+
+def _inside(boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
+    """For each box [D, 4], the largest fraction of its area inside one of ``regions`` [C, 4] (0 without regions)."""
+    if not len(regions) or not len(boxes):
+        return np.zeros(len(boxes))
+    inter = pairwise_intersection(boxes, regions)  # [D, C]
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1).clamp(min=1e-12)  # [D]
+    return (inter / area[:, None]).max(dim=1).values.numpy()
+
+
+def dataset_confusion(dataset, detections: list[dict], image_ids, score_thresh: float = 0.3,
+                      iou_thresh: float = 0.5) -> tuple[np.ndarray, int]:
+    """``confusion_matrix`` over every image of ``dataset`` (a ``CocoDetection``: the boxes COCOeval uses);
+    ``detections`` / ``image_ids`` as ``evaluate`` returns them, labels in the dataset's label space. An image
+    without detections (or not detected at all: unreadable) has all its boxes missed, as in COCOeval."""
+    by_id = {int(i): d for d, i in zip(detections, image_ids)}
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    dets, gts = [], []
+    for index, image_id in enumerate(dataset.image_ids):
+        boxes, labels, crowd = dataset.annotations(index)
+        gts.append({"boxes": boxes, "labels": labels, "crowd": crowd})
+        dets.append(by_id.get(int(image_id), empty))
+    return confusion_matrix(dets, gts, dataset.num_classes, score_thresh, iou_thresh)
+
+
+def dataset_labels(detections: list[dict], category_ids, dataset) -> list[dict]:
+    """Detections whose label k means category ``category_ids[k]`` (a checkpoint's classes) relabelled in
+    ``dataset``'s label space (its own sorted category ids)."""
+    to_dataset = torch.tensor([dataset.cat_id_to_label[int(c)] for c in category_ids], dtype=torch.int64)
+    return [{**d, "labels": to_dataset[torch.as_tensor(d["labels"]).long()]} for d in detections]
+
+
 @torch.no_grad()
 def ground_truth_as_detections(coco_gt: COCO, cat_id_to_label: dict[int, int], image_ids) -> list[dict]:
     """Ground truth (non-crowd) as detections with score 1: the mAP = 1.0 sanity check."""
     dets = []
     for image_id in image_ids:
         anns = [a for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id])) if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns], dtype=torch.float64).reshape(-1, 4)
+        boxes = torch.from_numpy(xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)))
         labels = torch.tensor([cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         dets.append({"boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels})
     return dets
+
+
+def judged_metrics(entry: dict) -> dict | None:
+    """The validation metrics an epoch is judged by: of the EMA weights when the run keeps an EMA."""
+    return entry.get("val_ema") or entry.get("val")

@@ -2,7 +2,7 @@
 
 Two forms of the same steps: ``PostProcessor.__call__`` (a list of per-image results, mapped back to the
 original images: training's evaluation, evaluate, infer) and ``PostProcessor.padded`` (fixed-shape tensors
-``[B, D, ...]`` plus a count, in the resized images' pixels: the graph exported by ``retinanet.export``).
+``[B, D, ...]`` plus a count, in the resized images' pixels: the graph exported by ``retinanet.deploy.export``).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def class_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """NMS per image and per class: ``boxes [B, N, 4]`` (xyxy), ``scores [B, K, N]`` (negative: box n is not of
     class k) -> ``[M, 3]`` int64 rows (image, class, box index) of the boxes kept, image by image, class by class,
     each by decreasing score: the semantics of ONNX ``NonMaxSuppression``, which it becomes in an exported graph
-    (``retinanet.export``). Here: ``torchvision.ops.nms`` per (image, class), exact like the group loop of
+    (``retinanet.deploy.export``). Here: ``torchvision.ops.nms`` per (image, class), exact like the group loop of
     ``batched_nms``."""
     rows = [torch.zeros((0, 3), dtype=torch.int64, device=boxes.device)]
     for b, k in (scores >= 0).any(-1).nonzero().tolist():  # the (image, class) pairs with boxes

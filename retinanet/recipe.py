@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retinanet.anchors import AnchorGenerator
 from retinanet.data.coco import CocoDetection
+from retinanet.data.statistics import best_anchor_iou, box_statistics
 from retinanet.errors import ConfigError
-from retinanet.inspect import best_anchor_iou
 from retinanet.matcher import Matcher
 
 log = logging.getLogger(__name__)
@@ -76,28 +76,6 @@ def check_selected(cfg: DictConfig) -> None:
     if left and OmegaConf.select(cfg, "recipe.name", default=None) != "auto":
         raise ConfigError(f"{left[0]}=auto needs recipe=auto, which fits it to the training set: set {left[0]} on "
                           "the command line, or use experiment=own_data (recipe=auto with every such value auto)")
-
-
-def box_statistics(dataset: CocoDetection, max_images: int | None = None) -> dict:
-    """Image and box statistics of a dataset from its annotations (original pixels)."""
-    n = len(dataset)
-    index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round()
-    sizes = np.array([dataset.image_size(int(i)) for i in index], dtype=np.float64).reshape(-1, 2)  # (h, w)
-    boxes = [dataset.annotations(int(i)) for i in index]
-    xyxy = np.concatenate([b[~c] for b, _, c in boxes]) if boxes else np.zeros((0, 4))
-    longer = np.concatenate([np.full(int((~c).sum()), sizes[k].max()) for k, (_, _, c) in enumerate(boxes)]) \
-        if boxes else np.zeros(0)
-    wh = np.stack([xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], axis=1) if len(xyxy) else np.zeros((0, 2))
-    side = np.sqrt(np.clip(wh[:, 0] * wh[:, 1], 0, None))
-    return {
-        "images": n, "examined": len(index), "boxes": int(len(side)),
-        "image_longer_side": float(np.median(sizes.max(axis=1))) if len(sizes) else math.nan,
-        "box_side_p5": float(np.percentile(side, 5)) if len(side) else math.nan,
-        "box_side_median": float(np.median(side)) if len(side) else math.nan,
-        # box size relative to its image's longer side: what a resize keeps
-        "relative_side_p5": float(np.percentile(side / longer, 5)) if len(side) else math.nan,
-        "boxes_per_image": float(len(side) / max(1, len(index))),
-    }
 
 
 def choose_side(stats: dict, recipe: DictConfig, device: torch.device) -> tuple[int, str]:

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from retinanet.checkpoint import CheckpointError, read_state_dict
 from retinanet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,22 +87,13 @@ def torchvision_variant(state: Mapping[str, Tensor]) -> str:
     return "v2" if "head.classification_head.conv.0.1.weight" in state else "v1"
 
 
-def _read_file(path: str) -> dict[str, Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - name the file, keep the cause
-        raise ConversionError(f"{path!r} cannot be read as a torch file ({type(err).__name__}: {err})") from err
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # training checkpoint wrapper
-        state = state["model"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ConversionError(f"{path!r} does not hold a state dict (a dict of tensors, or one under 'model')")
-    return state
-
-
 def load_torchvision_state_dict(source: str) -> dict[str, Tensor]:
     """A torchvision RetinaNet state dict from a local file or a weights name (``..._Weights.COCO_V1``)."""
     if os.path.exists(source):
-        state = _read_file(source)
+        try:
+            state = read_state_dict(source)
+        except CheckpointError as err:
+            raise ConversionError(str(err)) from None
     elif re.fullmatch(r"RetinaNet_\w+_Weights\.\w+", source):
         from torchvision.models import get_weight
 
@@ -229,7 +221,7 @@ def convert_to_checkpoint(source: str, out: str | os.PathLike, keep_all_classes:
     """
     from hydra.utils import instantiate
 
-    from retinanet.checkpoint import atomic_save
+    from retinanet.files import atomic_save
 
     state = load_torchvision_state_dict(source)
     variant = torchvision_variant(state)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from retinanet import distributed, plots, provenance, recipe
+from retinanet import distributed, recipe
 from retinanet.budget import TimeBudget, train_seconds
-from retinanet.checkpoint import atomic_write_json, keep_epoch_copy, remove_stale_temps, resume_path
+from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path
 from retinanet.config import build, validate_train_config
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
@@ -32,11 +32,13 @@ from retinanet.ema import ModelEma
 from retinanet.engine import TERMS, EpochProgress, StepResult, TrainStep, train_one_epoch
 from retinanet.errors import ConfigError
 from retinanet.evaluation import evaluate, format_metrics
+from retinanet.files import atomic_write_json, remove_stale_temps
 from retinanet.model.init import init_from
 from retinanet.optim import set_total_steps, total_steps_of
-from retinanet.resume import Checkpointer, StopSignal, TrainState
+from retinanet.report import plots, provenance
+from retinanet.report.tensorboard import log_eval_visuals, log_hparams
 from retinanet.runtime import precision_setup, process_settings, resolve_device
-from retinanet.tensorboard import log_eval_visuals, log_hparams
+from retinanet.signals import StopSignal
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,8 @@
-"""Shared fixtures: composed Hydra configs and a tiny generated dataset (built once per session)."""
+"""Shared fixtures and helpers: composed Hydra configs, the scripts as modules, tiny generated datasets (built once
+per session) and the overrides of tiny runs. Tests import the helpers from here (``from conftest import ...``), never
+from each other."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +18,24 @@ CONFIGS = str(config.CONFIGS)  # the package's config tree (configs/ in the clon
 def compose_train(overrides=()):
     """The training config as `retinanet-train` (scripts/train.py) would see it with these overrides."""
     return config.compose_config(overrides)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` of the clone as a module (its ``run(cfg, out_dir)`` is the command's job)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose_cfg(name: str, overrides):
+    """The config ``name`` (train, evaluate, infer, ...) composed with ``overrides``, as its command sees it."""
+    return config.compose_config(overrides, name)
+
+
+def eval_overrides(ckpt, root, *extra):
+    """Overrides of evaluate / infer on checkpoint ``ckpt`` and the shapes data under ``root`` (no generation)."""
+    return [f"checkpoint={ckpt}", f"data.root={root}", "data.generate=null", "progress=false", *extra]
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +75,28 @@ def tiny_run(tmp_path_factory):
     run(compose_train(tiny_train_overrides(root, out_epochs=1) + [
         "data.generate=null", "data.min_size=64", "data.max_size=96", "trainer.eval_batch_size=8"]), out)
     return SimpleNamespace(checkpoint=out / "last.pt", root=root)
+
+
+TIMEOUT = 300  # seconds for one training subprocess on a busy 2-core machine (they take ~15 s alone)
+
+
+def make_micro_shapes(root: Path) -> Path:
+    """16 train / 5 val images of 64-96 px: 4 steps of 4 images per epoch."""
+    from retinanet.data.shapes import ensure_shapes_dataset
+
+    ensure_shapes_dataset(root, num_train=16, num_val=5, seed=1, workers=1, image_size=(64, 96),
+                          object_size=(12, 40))
+    return root
+
+
+def micro_overrides(root: Path, epochs: int = 2) -> list[str]:
+    """A tiny, single-threaded CPU run on ``make_micro_shapes`` data (one thread: no oversubscription)."""
+    return [
+        f"data.root={root}", "data.generate=null", "data.min_size=64", "data.max_size=64",
+        "data.eval_min_size=null", "data.eval_max_size=null",
+        f"trainer.epochs={epochs}", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.num_workers=0",
+        "trainer.progress=false", "trainer.log_every=1", "trainer.threads=1", "model.net.fpn_channels=16",
+        "model.net.head_width=16", "model.net.head_depth=1", "schedule.warmup=0.2",
+        # every augmentation on (the shapes preset keeps only the flip): resumes must replay all of them
+        "data.augment.scale_range=[0.8,1.2]", "data.augment.translate=0.1", "data.augment.color_jitter=0.2",
+    ]

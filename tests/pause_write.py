@@ -1,6 +1,6 @@
 """Test helper: pause the n-th write of a checkpoint file half-way, so a test can kill the process right there.
 
-In-process: ``install(name, nth)`` replaces ``retinanet.checkpoint._open_temp`` (undo with ``uninstall``).
+In-process: ``install(name, nth)`` replaces ``retinanet.files._open_temp`` (undo with ``uninstall``).
 For a training subprocess: ``python tests/pause_write.py last.pt:3 scripts/train.py <overrides...>``.
 The paused write creates ``<file name>.paused`` next to the file (part of the data on disk) and waits
 while that marker exists.
@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from retinanet import checkpoint
+from retinanet import files
 
-_original = checkpoint._open_temp
+_original = files._open_temp
 
 
 class PausingFile:
@@ -54,11 +54,11 @@ def install(name: str, nth: int) -> None:
         writes["n"] += 1
         return PausingFile(f, Path(path).with_name(name + ".paused")) if writes["n"] == nth else f
 
-    checkpoint._open_temp = open_temp
+    files._open_temp = open_temp
 
 
 def uninstall() -> None:
-    checkpoint._open_temp = _original
+    files._open_temp = _original
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from retinanet.errors import ConfigError
 from retinanet.runtime import precision_setup
 from retinanet.trainer import run
 
-from conftest import compose_train
-from test_resume import make_micro_shapes, micro_overrides
+from conftest import compose_train, make_micro_shapes, micro_overrides
 
 
 @pytest.fixture(scope="module")

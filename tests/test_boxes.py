@@ -1,7 +1,10 @@
 """Box formats, clipping, IoU and the delta coder (golden values and torchvision parity)."""
 
 import math
+import subprocess
+import sys
 
+import numpy as np
 import torch
 from torchvision.models.detection._utils import BoxCoder as TvBoxCoder
 from torchvision.ops import box_iou
@@ -21,6 +24,31 @@ def test_format_conversions():
     xywh = torch.tensor([[1.0, 2.0, 10.0, 20.0]])
     assert torch.equal(xyxy_to_xywh(xyxy), xywh)
     assert torch.equal(xywh_to_xyxy(xywh), xyxy)
+    assert torch.equal(xyxy, torch.tensor([[1.0, 2.0, 11.0, 22.0]]))  # the input is left as it was
+
+
+def test_format_conversions_keep_the_kind_and_dtype():
+    xyxy = random_boxes(50, seed=3).double()
+    for boxes in (xyxy, xyxy.float(), xyxy.numpy(), xyxy.float().numpy()):
+        xywh = xyxy_to_xywh(boxes)
+        assert type(xywh) is type(boxes) and xywh.dtype == boxes.dtype and xywh.shape == boxes.shape
+        back = xywh_to_xyxy(xywh)
+        assert type(back) is type(boxes) and back.dtype == boxes.dtype
+        # the same arithmetic as written out by hand, to the bit: x2 - x1, then x + w
+        expected = np.concatenate([np.asarray(boxes)[:, :2], np.asarray(boxes)[:, 2:] - np.asarray(boxes)[:, :2]], 1)
+        assert np.array_equal(np.asarray(xywh), expected)
+        assert np.array_equal(np.asarray(back), np.concatenate([expected[:, :2], expected[:, :2] + expected[:, 2:]], 1))
+    assert xywh_to_xyxy([[1, 2, 10, 20]]).tolist() == [[1.0, 2.0, 11.0, 22.0]]  # a list -> a float64 array
+    assert xyxy_to_xywh(np.zeros((0, 4), np.float32)).shape == (0, 4)
+    assert xyxy_to_xywh(np.array([1.0, 2.0, 11.0, 22.0])).tolist() == [1.0, 2.0, 10.0, 20.0]  # one box
+
+
+def test_format_conversions_do_not_load_torch():
+    """numpy-only code (the shapes generator's workers, the converters) converts boxes without importing torch."""
+    code = ("import sys; import retinanet.boxes as b, retinanet.data.shapes, retinanet.data.convert; "
+            "assert b.xyxy_to_xywh([[1, 2, 3, 5]]).tolist() == [[1, 2, 2, 3]]; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_clip_boxes_single_and_batched():

@@ -25,8 +25,7 @@ from retinanet.engine import TrainStep, train_one_epoch
 from retinanet.errors import ConfigError
 from retinanet.trainer import run
 
-from conftest import ROOT, compose_train
-from test_resume import TIMEOUT, make_micro_shapes, micro_overrides
+from conftest import ROOT, TIMEOUT, compose_train, make_micro_shapes, micro_overrides
 
 # measured on this machine: the loss of every step within 1.5e-7 relative, every weight within 7.8e-7
 # absolute (float32 sums in another order: all-reduced gradients of 2 x 2 images vs one batch of 4)

@@ -1,4 +1,4 @@
-"""Export (retinanet/export.py, scripts/export.py): the exported files compute what the PyTorch ``Detector`` computes.
+"""Export (retinanet/deploy/export.py, scripts/export.py): the exported files compute what the PyTorch ``Detector`` computes.
 
 ONNX in onnxruntime against the ``Detector`` in fp32 on the same real images, at two image sizes and batch sizes
 (one exported file: its dynamic axes must really work): raw outputs within ``RAW_ATOL`` (absolute, on logits of
@@ -27,8 +27,7 @@ import torch
 from retinanet.checkpoint import load_checkpoint
 from retinanet.data.collate import Collate
 from retinanet.data.image_io import load_rgb
-from retinanet.detector import Detector, image_sample
-from retinanet.export import (
+from retinanet.deploy.export import (
     ExportError,
     build_graph,
     check_export,
@@ -37,10 +36,10 @@ from retinanet.export import (
     load_exported,
     load_sidecar,
 )
+from retinanet.detector import Detector, image_sample
 from retinanet.postprocess import PostProcessor
 
-from conftest import ROOT
-from test_evaluate_infer import compose_cfg, load_script
+from conftest import ROOT, compose_cfg, load_script
 
 RAW_ATOL = 1e-4
 SIZES = ({"min_size": None, "max_size": None, "batch": 3},   # the checkpoint's resize (64 / 96): 64-96 px inputs
@@ -121,7 +120,7 @@ def assert_same_detections(ours: dict, theirs: dict, box_tol: float = 1e-2, scor
 
 @pytest.mark.parametrize("graph", ["end2end", "raw"])
 def test_onnx_detections_match_the_detector(sharp_ckpt, tiny_run, onnx_files, graph):
-    from retinanet.onnx_detector import OnnxDetector
+    from retinanet.deploy.onnx_detector import OnnxDetector
 
     counts = []
     for size in SIZES:

@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from retinanet.deploy.infer import load_detector
+from retinanet.deploy.inputs import InputError, find_inputs
+from retinanet.deploy.video import read_frames, video_info
 from retinanet.detector import Detector
 from retinanet.errors import ConfigError
-from retinanet.inference import InputError, find_inputs, load_detector
-from retinanet.video import read_frames, video_info
 
-from test_evaluate_infer import compose_cfg, load_script
+from conftest import compose_cfg, load_script
 
 LOW = {"score_thresh": 0.001}
 
@@ -103,19 +104,17 @@ def test_infer_on_a_video_writes_per_frame_detections_and_a_rendered_mp4(tiny_ru
     assert [f["time"] for f in per_frame["frames"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert video["detections"] == sum(len(f["annotations"]) for f in per_frame["frames"]) > 0
 
-    # the detections of each frame are the Detector's on that decoded frame (batch of one)
+    # the detections of each frame are the Detector's on that decoded frame, in batches of 2 as infer ran them (the
+    # tiny run scores every anchor about 0.01-0.03: in batches of another size, near-ties may change places)
     detector = Detector.from_checkpoint(tiny_run.checkpoint, "cpu", postprocess=LOW)
     frames = list(read_frames(clip))
-    for frame, record in zip(frames, per_frame["frames"]):
-        det = detector.predict(frame)
+    for det, record in zip(detector.predict(frames, batch_size=2), per_frame["frames"]):
         boxes = det["boxes"].double().numpy()
         got = np.array([a["bbox"] for a in record["annotations"]])
         assert len(got) == len(boxes)
         np.testing.assert_allclose(got[:, :2], boxes[:, :2], atol=0.01)
         assert [a["category_id"] for a in record["annotations"]] == [detector.category_ids[k] for k in det["labels"]]
-    first, again = per_frame["frames"][0]["annotations"], per_frame["frames"][4]["annotations"]  # the same picture
-    assert [a["category_id"] for a in first] == [a["category_id"] for a in again]
-    np.testing.assert_allclose([a["bbox"] for a in first], [a["bbox"] for a in again], atol=0.011)
+    assert np.array_equal(frames[4], frames[0])  # the repeated picture: checked above like every frame
 
     rendered = out / video["rendered_file"]
     assert rendered.suffix == ".mp4" and video_info(rendered)["width"] == 160

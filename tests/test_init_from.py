@@ -9,10 +9,10 @@ from hydra.utils import instantiate
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights, retinanet_resnet50_fpn
 
 import retinanet.trainer as trainer
-from retinanet.checkpoint import atomic_save
 from retinanet.config import validate_train_config
 from retinanet.detector import Detector
 from retinanet.errors import UserError
+from retinanet.files import atomic_save
 from retinanet.model import RetinaNet
 from retinanet.model.init import CLASS_PREDICTOR, init_from
 from retinanet.torchvision_weights import coco_label_map, convert_torchvision_state_dict

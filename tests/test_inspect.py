@@ -17,7 +17,7 @@ from PIL import Image
 
 from retinanet.anchors import AnchorGenerator, feature_shapes
 from retinanet.data import CocoDetection
-from retinanet.inspect import anchor_coverage, dataset_statistics, format_report, suggested_alpha
+from retinanet.data.statistics import anchor_coverage, dataset_statistics, format_report, suggested_alpha
 from retinanet.losses import alpha_from_counts
 from retinanet.matcher import Matcher
 from retinanet.model import RetinaNet

@@ -13,8 +13,7 @@ from retinanet.data.build import build_dataset, build_loader
 from retinanet.engine import NonFiniteLossError, TrainStep, train_one_epoch
 from retinanet.errors import UserError
 
-from conftest import compose_train
-from test_resume import make_micro_shapes, micro_overrides
+from conftest import compose_train, make_micro_shapes, micro_overrides
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ import pytest
 import torch
 import torchvision
 
-from retinanet.checkpoint import load_checkpoint
+from retinanet.checkpoint import Checkpointer, TrainState, load_checkpoint
 from retinanet.data.build import build_dataset
 from retinanet.detector import Detector
-from retinanet.model_card import markdown
-from retinanet.provenance import file_sha256, git_state
-from retinanet.resume import Checkpointer, TrainState
+from retinanet.report.model_card import markdown
+from retinanet.report.provenance import file_sha256, git_state
 
 from conftest import ROOT, compose_train, tiny_train_overrides
 
@@ -115,7 +114,7 @@ def test_best_pt_keeps_the_metrics_that_made_it_best_and_its_card_says_so(tmp_pa
 
 
 def test_a_card_without_provenance_or_evaluation_still_reads():
-    from retinanet.model_card import model_card
+    from retinanet.report.model_card import model_card
 
     card = model_card({"model": {"name": "toy"}}, {"class_names": ["a"], "category_ids": [1]}, None,
                       [{"epoch": 1, "train": {"images": 0, "seconds": 0.0}}], None, step=0, parameters=10)

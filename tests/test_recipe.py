@@ -13,6 +13,7 @@ from PIL import Image
 from retinanet import recipe
 from retinanet.config import validate_train_config
 from retinanet.data import CocoDetection
+from retinanet.data.statistics import box_statistics
 from retinanet.errors import ConfigError
 from retinanet.matcher import Matcher
 
@@ -93,7 +94,7 @@ def test_a_rare_class_counts_as_much_as_a_common_one_in_the_anchor_fit(monkeypat
 
 @pytest.mark.parametrize("box_side", [12, 24, 60, 300])
 def test_the_fitted_anchors_cover_the_boxes(tmp_path, box_side):
-    from retinanet.inspect import anchor_coverage
+    from retinanet.data.statistics import anchor_coverage
     from retinanet.matcher import Matcher
 
     cfg, _ = fitted(tmp_path, box_side)
@@ -143,7 +144,7 @@ def test_a_gpu_gets_a_larger_resize_cap(tmp_path):
     gpu_cfg, _ = fitted(tmp_path / "b", 8, device="cuda")
     assert cpu_cfg.data.max_size == 512 and gpu_cfg.data.max_size == 640  # never enlarged beyond the images
     ann, img_dir = write_dataset(tmp_path / "big", 8, size=(2000, 1500))
-    stats = recipe.box_statistics(CocoDetection(ann, img_dir))
+    stats = box_statistics(CocoDetection(ann, img_dir))
     cap = compose_train(own_data(ann, img_dir)).recipe
     assert recipe.choose_side(stats, cap, torch.device("cpu"))[0] == cap.max_side_cpu
     assert recipe.choose_side(stats, cap, torch.device("cuda"))[0] == cap.max_side_gpu
@@ -160,7 +161,7 @@ def test_auto_without_the_recipe_is_a_clear_error(tmp_path):
 
 def test_box_statistics_read_the_annotations(tmp_path):
     ann, img_dir = write_dataset(tmp_path, 50, n=4)
-    stats = recipe.box_statistics(CocoDetection(ann, img_dir))
+    stats = box_statistics(CocoDetection(ann, img_dir))
     assert stats["boxes"] == 12 and stats["image_longer_side"] == 640
     assert stats["box_side_p5"] == pytest.approx(50) and stats["relative_side_p5"] == pytest.approx(50 / 640)
     assert np.isfinite(stats["boxes_per_image"])

@@ -15,38 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from retinanet.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
+from retinanet.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.data.samplers import EpochBatchSampler, SeededSamples, sample_seed
-from retinanet.resume import StopSignal
+from retinanet.files import atomic_save
+from retinanet.signals import StopSignal
 from retinanet.trainer import run
 
 import pause_write
-from conftest import ROOT, compose_train
-
-TIMEOUT = 300  # seconds for one training subprocess on a busy 2-core machine (they take ~15 s alone)
-
-
-def make_micro_shapes(root: Path) -> Path:
-    """16 train / 5 val images of 64-96 px: 4 steps of 4 images per epoch."""
-    from retinanet.data.shapes import ensure_shapes_dataset
-
-    ensure_shapes_dataset(root, num_train=16, num_val=5, seed=1, workers=1, image_size=(64, 96),
-                          object_size=(12, 40))
-    return root
-
-
-def micro_overrides(root: Path, epochs: int = 2) -> list[str]:
-    """A tiny, single-threaded CPU run on ``make_micro_shapes`` data (one thread: no oversubscription)."""
-    return [
-        f"data.root={root}", "data.generate=null", "data.min_size=64", "data.max_size=64",
-        "data.eval_min_size=null", "data.eval_max_size=null",
-        f"trainer.epochs={epochs}", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.num_workers=0",
-        "trainer.progress=false", "trainer.log_every=1", "trainer.threads=1", "model.net.fpn_channels=16",
-        "model.net.head_width=16", "model.net.head_depth=1", "schedule.warmup=0.2",
-        # every augmentation on (the shapes preset keeps only the flip): resumes must replay all of them
-        "data.augment.scale_range=[0.8,1.2]", "data.augment.translate=0.1", "data.augment.color_jitter=0.2",
-    ]
+from conftest import ROOT, TIMEOUT, compose_train, make_micro_shapes, micro_overrides
 
 
 @pytest.fixture(scope="module")

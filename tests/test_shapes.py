@@ -198,7 +198,7 @@ def _worker_handlers(_):
 def test_render_workers_do_not_inherit_the_trainers_stop_handler(tmp_path):
     """The trainer installs its SIGTERM handler before it generates the data; the pool's shutdown
     (SIGTERM to each worker) must end the workers, not log "SIGTERM received" from each of them."""
-    from retinanet.resume import StopSignal
+    from retinanet.signals import StopSignal
 
     stop = StopSignal().install()
     try:

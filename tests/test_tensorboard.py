@@ -1,5 +1,5 @@
 """TensorBoard views: drawn val images, PR curves, per-class AP, score histogram and hparams are
-written by retinanet.tensorboard and read back with TensorBoard's own event reader."""
+written by retinanet.report.tensorboard and read back with TensorBoard's own event reader."""
 
 import contextlib
 import io
@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
 from retinanet.evaluation import coco_evaluate, evaluate, ground_truth_as_detections, to_coco_results
-from retinanet.tensorboard import (
+from retinanet.report.tensorboard import (
     GT_COLOR,
     PRED_COLOR,
     draw_eval_image,

@@ -15,14 +15,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from retinanet.checkpoint import atomic_write_json
 from retinanet.cli import command_line_values, run_or_exit
 from retinanet.config import build, validate_evaluation_config
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
 from retinanet.errors import ConfigError
 from retinanet.evaluation import evaluate, format_metrics, to_coco_results
-from retinanet.plots import write_evaluation_plots
+from retinanet.files import atomic_write_json
+from retinanet.report.plots import write_evaluation_plots
 
 
 def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:

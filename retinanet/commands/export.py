@@ -5,7 +5,7 @@ Writes the model file and a JSON sidecar next to it (`<file>.json`: classes and 
 size_divisible, input / output names and layouts, normalisation (inside the model), post-processing settings),
 then (check=true) runs the written file on random images of two other sizes and batch sizes and compares it
 with PyTorch. The weights are those `Detector.from_checkpoint` runs: the EMA weights when the run kept an EMA.
-See retinanet/export.py and docs/export_and_inference.md.
+See retinanet/deploy/export.py and docs/export_and_inference.md.
 
 Examples:
     retinanet-export checkpoint=outputs/shapes/<date>/best.pt output=model.onnx
@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from retinanet.cli import command_line_values, run_or_exit
-from retinanet.export import FORMATS, SUFFIXES, ExportError, check_export, export_checkpoint
+from retinanet.deploy.export import FORMATS, SUFFIXES, ExportError, check_export, export_checkpoint
 
 
 def run(cfg: DictConfig, out_dir) -> dict:

@@ -20,11 +20,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from retinanet import recipe
-from retinanet.checkpoint import atomic_write_json
 from retinanet.cli import run_or_exit
 from retinanet.data.build import build_dataset
+from retinanet.data.statistics import anchor_coverage, dataset_statistics, format_report, suggested_alpha
 from retinanet.errors import ConfigError
-from retinanet.inspect import anchor_coverage, dataset_statistics, format_report, render_samples, suggested_alpha
+from retinanet.files import atomic_write_json
+from retinanet.report.visualize import render_samples
 from retinanet.runtime import resolve_device
 
 log = logging.getLogger("inspect")

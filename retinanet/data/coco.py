@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from retinanet.boxes import xywh_to_xyxy, xyxy_to_xywh
 from retinanet.data.image_io import ImageReadError, load_rgb
 from retinanet.errors import ConfigError, UserError
 
@@ -230,7 +231,7 @@ def clean_boxes(xywh: np.ndarray, image_wh: np.ndarray) -> tuple[np.ndarray, np.
     with np.errstate(invalid="ignore", over="ignore"):
         finite = np.isfinite(xywh).all(axis=1)
         sized = finite & (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        xyxy = xywh_to_xyxy(xywh)
         clipped = np.clip(xyxy, 0, np.concatenate([image_wh, image_wh], axis=1))
         inside = sized & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
         was_clipped = inside & (clipped != xyxy).any(axis=1)
@@ -329,8 +330,7 @@ class CocoDetection(torch.utils.data.Dataset):
         per_image = np.bincount(img_idx[keep], minlength=len(self.image_ids))
         self._offsets = np.concatenate([[0], np.cumsum(per_image)])
         kept = []
-        for ann, box in zip((a for a, k in zip(anns, keep) if k), boxes[keep].astype(np.float64).tolist()):
-            bbox = [box[0], box[1], box[2] - box[0], box[3] - box[1]]  # xyxy -> xywh
+        for ann, bbox in zip((a for a, k in zip(anns, keep) if k), xyxy_to_xywh(boxes[keep].astype(np.float64)).tolist()):
             area = ann.get("area") if bbox == [float(v) for v in ann["bbox"]] else None  # a clipped box: its own area
             kept.append({**ann, "bbox": bbox, "iscrowd": int(ann.get("iscrowd", 0)),
                          "area": float(area) if area is not None else bbox[2] * bbox[3]})

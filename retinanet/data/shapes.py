@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from retinanet.boxes import xyxy_to_xywh
 from retinanet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def render_image(rng: np.random.Generator, image_size=(160, 224), object_size=(1
     sigma = rng.uniform(2.0, 8.0)
     noisy = canvas + sigma * rng.standard_normal(canvas.shape, dtype=np.float32)
     image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
-    objects = [(c, [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]) for c, b in zip(cats, boxes)]
+    objects = list(zip(cats, xyxy_to_xywh(np.array(boxes).reshape(-1, 4)).tolist()))
     return image, objects
 
 

@@ -16,6 +16,8 @@ from torch import nn
 from torchvision import models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from retinanet.checkpoint import CheckpointError, read_state_dict
+
 log = logging.getLogger(__name__)
 
 RESNETS = {
@@ -41,12 +43,10 @@ def _norm_layer(norm: str, gn_groups: int = 32):
 def load_backbone_weights(weights: str) -> dict[str, torch.Tensor]:
     """Return a ResNet state dict from a local file or a torchvision enum name."""
     if os.path.exists(weights):
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        if not isinstance(state, dict):
-            raise ValueError(f"backbone weights file {weights!r} does not hold a state dict")
-        return state
+        try:
+            return read_state_dict(weights)
+        except CheckpointError as err:  # a ValueError: the config names the key (model.net: ...)
+            raise ValueError(f"backbone weights={weights!r}: {err}") from None
     if "." in weights and "_Weights" in weights:
         try:
             enum = models.get_weight(weights)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from retinanet.checkpoint import CheckpointError, read_state_dict
 from retinanet.errors import UserError
 from retinanet.model.head import prior_logit
 from retinanet.torchvision_weights import (
@@ -53,29 +54,22 @@ class InitReport:
     not_in_checkpoint: list[str] = field(default_factory=list)  # model keys kept at their initialisation
 
 
-def read_state_dict(source: str) -> tuple[dict[str, Tensor], str]:
+def source_state_dict(source: str) -> tuple[dict[str, Tensor], str]:
     """Our-layout state dict and its kind from a checkpoint path or a torchvision weights name."""
     if not os.path.exists(source):
         if re.fullmatch(r"RetinaNet_\w+_Weights\.\w+", str(source)):
             state = load_torchvision_state_dict(source)
         else:
             raise InitFromError(f"model.init_from={source!r}: no such file (expected a checkpoint or a "
-                                    "torchvision weights name like RetinaNet_ResNet50_FPN_Weights.COCO_V1)")
+                                "torchvision weights name like RetinaNet_ResNet50_FPN_Weights.COCO_V1)")
     else:
         try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - name the file, keep the cause
-            raise InitFromError(f"model.init_from={source!r} cannot be read ({type(err).__name__}: {err})") from err
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            from retinanet.detector import checkpoint_weights  # our checkpoints: the weights that scored (EMA)
-
-            state = checkpoint_weights(state) if "config" in state else state["model"]
-        if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
-            raise InitFromError(f"model.init_from={source!r} holds no state dict "
-                             "(a dict of tensors, or one under 'model')")
+            state = read_state_dict(source)  # our checkpoints: the weights that scored (EMA)
+        except CheckpointError as err:
+            raise InitFromError(f"model.init_from={source!r}: {err}") from None
     if is_torchvision_state_dict(state):
         return convert_torchvision_state_dict(state, strict=False), f"torchvision {torchvision_variant(state)}"
-    return {k: v for k, v in state.items() if torch.is_tensor(v)}, "ours"
+    return state, "ours"
 
 
 def _group(keys: list[str]) -> str:
@@ -100,7 +94,7 @@ def init_from(model: nn.Module, source: str, prior_prob: float | None = None) ->
     file); torchvision keys without a counterpart here are reported as skipped.
     """
     source = str(source)
-    state, kind = read_state_dict(source)
+    state, kind = source_state_dict(source)
     report = InitReport(source, kind)
     target = model.state_dict()
     to_load = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -10,8 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from retinanet.boxes import xyxy_to_xywh
 from retinanet.data.image_io import IMAGE_EXTENSIONS  # noqa: F401  (re-exported)
 from retinanet.errors import UserError
+from retinanet.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,9 @@ class CocoBuilder:
     def to_coco(self) -> dict:
         names = self.fixed if self.fixed is not None else sorted({b[1] for b in self._boxes})
         ids = {name: i + 1 for i, name in enumerate(names)}
-        anns = [{"id": k + 1, "image_id": img, "category_id": ids[name], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                 "area": (x2 - x1) * (y2 - y1), "iscrowd": crowd}
-                for k, (img, name, x1, y1, x2, y2, crowd) in enumerate(self._boxes)]
+        xywh = xyxy_to_xywh(np.array([b[2:6] for b in self._boxes], dtype=np.float64).reshape(-1, 4)).tolist()
+        anns = [{"id": k + 1, "image_id": img, "category_id": ids[name], "bbox": bbox, "area": bbox[2] * bbox[3],
+                 "iscrowd": crowd} for k, ((img, name, *_, crowd), bbox) in enumerate(zip(self._boxes, xywh))]
         if self.degenerate:
             log.warning("%s: dropped %d boxes with zero or negative width/height; first: %s", self.source,
                         len(self.degenerate), self.degenerate[0])
@@ -115,9 +116,5 @@ def split_train_val(data: dict, val_fraction: float, seed: int = 0) -> tuple[dic
 
 
 def write_coco(data: dict, path: str | os.PathLike) -> None:
-    """Write the JSON next to its final name, then rename (a crash never leaves half a file); no torch import."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write the COCO JSON atomically (``retinanet.files``: a crash never leaves half a file; no torch import)."""
+    atomic_write_json(data, path, indent=1)

@@ -1,7 +1,7 @@
 """Where a checkpoint comes from: the versions and git commit of the code, and the data it was trained on.
 
 ``collect(name, train_set, val_set)`` is computed once per run (rank 0) and stored in every checkpoint
-(``ckpt["provenance"]``) and in the model card beside ``best.pt`` (``retinanet.model_card``):
+(``ckpt["provenance"]``) and in the model card beside ``best.pt`` (``retinanet.report.model_card``):
 
 - ``versions``: python, torch, torchvision, numpy, pycocotools and this project (its package metadata;
   None when it runs from a checkout that was never installed);
@@ -26,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CODE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the retinanet package
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the retinanet package
 
 
 def versions() -> dict:

@@ -9,7 +9,7 @@
 - ``ap_history.png``: AP and AP50 of every evaluated epoch (``metrics.json``'s history);
 - ``pr_curves_iou50.png``: per-class precision-recall at IoU 0.5 (area all, 100 detections), from
   COCOeval's precision array;
-- ``confusion_matrix.png`` + ``.json``: classes confused with each other (``confusion_matrix``);
+- ``confusion_matrix.png`` + ``.json``: classes confused with each other (``evaluation.confusion_matrix``);
 - ``val_images.png``: validation images, ground truth | predictions (``tensorboard.draw_eval_image``).
 
 Every function takes plain data (history, ``Evaluation``, dataset) and returns the file it wrote.
@@ -22,11 +22,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
-from retinanet.checkpoint import atomic_write_json
-from retinanet.tensorboard import draw_eval_image, num_gt_per_class, pr_curve_arrays
+from retinanet.evaluation import dataset_confusion, dataset_labels
+from retinanet.files import atomic_write_json
+from retinanet.report.tensorboard import draw_eval_image, num_gt_per_class, pr_curve_arrays
 
 log = logging.getLogger(__name__)
 
@@ -159,92 +158,9 @@ def plot_pr_curves(precision: np.ndarray, class_names, num_gt, path: str | Path,
     return _save(fig, Path(path))
 
 
-def confusion_matrix(detections: list[dict], ground_truths: list[dict], num_classes: int, score_thresh: float = 0.3,
-                     iou_thresh: float = 0.5) -> tuple[np.ndarray, int]:
-    """Count which class each confident detection took each ground-truth box for.
-
-    ``detections[i]`` (``boxes`` [D, 4] xyxy, ``scores`` [D], ``labels`` [D]) and ``ground_truths[i]``
-    (``boxes`` [G, 4] xyxy, ``labels`` [G], optional ``crowd`` [G] bool) are image i's, in the same pixels.
-    Returns ``(matrix, ignored)``; ``matrix`` is [K + 1, K + 1] int64, K = ``num_classes``:
-
-    - rows are the ground-truth class, columns the predicted class; row K and column K are *background*;
-    - only detections scoring at least ``score_thresh`` take part. Per image they are taken greedily by
-      score (highest first); each one matches at most one ground-truth box and each box at most one
-      detection: among the still unmatched boxes with IoU >= ``iou_thresh``, one of the detection's own
-      class if any, else any class; the highest IoU wins. Class-agnostic matching is what lets confusions
-      show: a matched pair counts in ``matrix[gt class, predicted class]`` (the diagonal when right);
-    - a detection that matches nothing is a false positive: ``matrix[K, predicted class]`` (the background
-      row); unless it lies inside a crowd region (intersection / its own area >= ``iou_thresh``, COCO's
-      rule), which COCO neither rewards nor penalises: it is counted in ``ignored`` only;
-    - a ground-truth box no detection matched is missed: ``matrix[gt class, K]`` (the background column).
-      Crowd boxes are regions to ignore, not objects: never counted;
-    - ``matrix[K, K]`` is 0.
-
-    So each ground-truth row sums to the number of (non-crowd) boxes of that class, and the predicted
-    columns 0..K-1 together sum to the confident detections less ``ignored``.
-    """
-    k_bg = num_classes
-    matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
-    ignored = 0
-    for det, gt in zip(detections, ground_truths):
-        gt_boxes = torch.as_tensor(np.asarray(gt["boxes"], dtype=np.float64)).reshape(-1, 4)
-        gt_labels = np.asarray(gt["labels"], dtype=np.int64).reshape(-1)
-        crowd = np.asarray(gt.get("crowd", np.zeros(len(gt_labels), bool)), dtype=bool).reshape(-1)
-        scores = torch.as_tensor(det["scores"]).double().reshape(-1)
-        keep = torch.nonzero(scores >= score_thresh).flatten()
-        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]  # greedy: best score first
-        boxes = torch.as_tensor(det["boxes"]).double().reshape(-1, 4)[keep]
-        labels = torch.as_tensor(det["labels"]).reshape(-1)[keep].numpy().astype(np.int64)
-        objects, regions = gt_boxes[torch.from_numpy(~crowd)], gt_boxes[torch.from_numpy(crowd)]
-        object_labels = gt_labels[~crowd]
-        iou = box_iou(boxes, objects).numpy() if len(objects) and len(boxes) else np.zeros((len(boxes), len(objects)))
-        inside = _inside(boxes, regions)  # [D] max intersection / detection area over the crowd regions
-        taken = np.zeros(len(objects), dtype=bool)
-        for d, label in enumerate(labels.tolist()):
-            candidates = ~taken & (iou[d] >= iou_thresh)
-            if candidates.any():
-                same = candidates & (object_labels == label)
-                pool = same if same.any() else candidates
-                g = int(np.argmax(np.where(pool, iou[d], -1.0)))
-                taken[g] = True
-                matrix[object_labels[g], label] += 1
-            elif inside[d] >= iou_thresh:
-                ignored += 1
-            else:
-                matrix[k_bg, label] += 1
-        np.add.at(matrix, (object_labels[~taken], k_bg), 1)
-    return matrix, ignored
-
-
-def _inside(boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
-    """For each box [D, 4], the largest fraction of its area inside one of ``regions`` [C, 4] (0 without regions)."""
-    if not len(regions) or not len(boxes):
-        return np.zeros(len(boxes))
-    lt = torch.maximum(boxes[:, None, :2], regions[None, :, :2])  # [D, C, 2]
-    rb = torch.minimum(boxes[:, None, 2:], regions[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)  # [D, C]
-    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1).clamp(min=1e-12)  # [D]
-    return (inter / area[:, None]).max(dim=1).values.numpy()
-
-
-def dataset_confusion(dataset, detections: list[dict], image_ids, score_thresh: float = 0.3,
-                      iou_thresh: float = 0.5) -> tuple[np.ndarray, int]:
-    """``confusion_matrix`` over every image of ``dataset`` (a ``CocoDetection``: the boxes COCOeval uses);
-    ``detections`` / ``image_ids`` as ``evaluate`` returns them, labels in the dataset's label space. An image
-    without detections (or not detected at all: unreadable) has all its boxes missed, as in COCOeval."""
-    by_id = {int(i): d for d, i in zip(detections, image_ids)}
-    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
-    dets, gts = [], []
-    for index, image_id in enumerate(dataset.image_ids):
-        boxes, labels, crowd = dataset.annotations(index)
-        gts.append({"boxes": boxes, "labels": labels, "crowd": crowd})
-        dets.append(by_id.get(int(image_id), empty))
-    return confusion_matrix(dets, gts, dataset.num_classes, score_thresh, iou_thresh)
-
-
 def plot_confusion(matrix: np.ndarray, class_names, path: str | Path, score_thresh: float, iou_thresh: float,
                    ignored: int = 0) -> Path:
-    """``matrix`` of ``confusion_matrix`` as a heat map: counts in the cells, colour = the fraction of its row
+    """``matrix`` of ``evaluation.confusion_matrix`` as a heat map: counts in the cells, colour = the fraction of its row
     (the ground-truth boxes of a class; for the background row, the false positives)."""
     names = [*class_names, "background"]
     n = len(names)
@@ -303,13 +219,6 @@ def plot_val_images(dataset, detections: list[dict], image_ids, path: str | Path
 
 
 # ---------------------------------------------------------------- all of them
-
-def dataset_labels(detections: list[dict], category_ids, dataset) -> list[dict]:
-    """Detections whose label k means category ``category_ids[k]`` (a checkpoint's classes) relabelled in
-    ``dataset``'s label space (its own sorted category ids)."""
-    to_dataset = torch.tensor([dataset.cat_id_to_label[int(c)] for c in category_ids], dtype=torch.int64)
-    return [{**d, "labels": to_dataset[torch.as_tensor(d["labels"]).long()]} for d in detections]
-
 
 def write_evaluation_plots(out_dir: str | Path, evaluation, dataset, score_thresh: float = 0.3,
                            iou_thresh: float = 0.5, num_images: int = 8, category_ids=None) -> list[Path]:

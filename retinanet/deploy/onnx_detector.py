@@ -21,8 +21,8 @@ import torch
 
 from retinanet.anchors import AnchorGenerator, feature_shapes
 from retinanet.data.transforms import build_transforms
+from retinanet.deploy.export import ExportError, load_sidecar
 from retinanet.detector import detect_loader
-from retinanet.export import ExportError, load_sidecar
 from retinanet.postprocess import PostProcessor, to_original
 
 

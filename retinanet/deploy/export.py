@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retinanet.checkpoint import atomic_write_json, load_checkpoint
+from retinanet.checkpoint import load_checkpoint
 from retinanet.errors import UserError
+from retinanet.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +290,10 @@ def export_checkpoint(checkpoint, fmt: str, graph: str, path, min_size=None, max
     ``export_detector``; returns ``(detector, sidecar path)``."""
     from retinanet.detector import Detector
 
-    detector = Detector.from_checkpoint(checkpoint, "cpu", min_size, max_size, postprocess=postprocess, weights=weights)
-    used = "ema" if weights != "model" and load_checkpoint(checkpoint).get("ema") else "model"
+    ckpt = load_checkpoint(checkpoint)
+    detector = Detector.from_checkpoint(checkpoint, "cpu", min_size, max_size, postprocess=postprocess, weights=weights,
+                                        ckpt=ckpt)
+    used = "ema" if weights != "model" and ckpt.get("ema") else "model"
     return detector, export_detector(detector, fmt, graph, path, checkpoint=checkpoint, weights=used)
 
 

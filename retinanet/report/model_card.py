@@ -12,19 +12,20 @@ import datetime
 from pathlib import Path
 
 from retinanet.budget import train_seconds
-from retinanet.checkpoint import atomic_write_json, atomic_write_text
-from retinanet.evaluation import STAT_NAMES
+from retinanet.evaluation import STAT_NAMES, judged_metrics
+from retinanet.files import atomic_write_json, atomic_write_text
 
 HEADLINE = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 
 
 def model_card(config: dict, label_map: dict, provenance: dict | None, history: list[dict], metrics: dict | None,
                step: int, parameters: int, checkpoint: str = "best.pt") -> dict:
-    """The facts of a checkpoint: ``config`` (resolved), ``label_map``, ``provenance`` (``retinanet.provenance``),
+    """The facts of a checkpoint: ``config`` (resolved), ``label_map``, ``provenance`` (``retinanet.report.provenance``),
     ``history`` up to and including its epoch, ``metrics`` (the evaluation that made it best), ``step``."""
     provenance = provenance or {}
     trainer = config.get("trainer", {})
     last = history[-1] if history else {}
+    judged = judged_metrics(last)  # of the EMA weights when the run keeps an EMA
     seconds = train_seconds(history)
     images = sum(e["train"]["images"] for e in history)
     names = dict(zip(label_map["category_ids"], label_map["class_names"]))
@@ -40,7 +41,8 @@ def model_card(config: dict, label_map: dict, provenance: dict | None, history: 
                      "lr": (config.get("optim") or {}).get("lr"), "schedule": _target(config.get("schedule")),
                      "precision": trainer.get("precision"), "ema_decay": (trainer.get("ema") or {}).get("decay")},
         "result": None if metrics is None else {
-            "split": "val", "weights": "ema" if "val_ema" in last else "model", "images": metrics.get("images"),
+            "split": "val", "weights": "ema" if judged is not None and judged is last.get("val_ema") else "model",
+            "images": metrics.get("images"),
             "stats": dict(metrics["stats"]), "per_class_ap": per_class},
         "versions": provenance.get("versions"),
         "git": provenance.get("git"),

@@ -1,11 +1,14 @@
-"""Dataset statistics and anchor coverage: what to look at when mAP stays at 0 on your data.
+"""Dataset statistics: what to look at when mAP stays at 0 on your data (``retinanet-inspect``), and what
+``recipe=auto`` fits its values to.
 
 - counts: images, images without boxes, boxes per class, crowd (ignore) boxes, dropped boxes;
+- image and box sizes in original pixels (``box_statistics``: the resize ``recipe=auto`` chooses);
 - box sizes (``sqrt(w * h)`` after the training resize, the scale the anchors see) and aspect ratios;
 - anchor coverage: for every non-crowd box, does the configured matcher give it at least one
   positive anchor, does some anchor reach IoU >= ``fg_iou`` on its own (without the low-quality
   rule, which matches almost anything at a poor IoU), and what is its best anchor IoU, by size bucket.
-  Anchors and feature shapes are computed for the padded, resized image as in training;
+  Anchors and feature shapes are computed for the padded, resized image as in training
+  (``best_anchor_iou``: the anchor sizes ``recipe=auto`` chooses);
 - a per-class focal-loss alpha suggested from the class frequencies (``loss.alpha=auto`` uses the same rule).
 
 Nothing is decoded for the statistics: sizes come from the annotation file.
@@ -15,19 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from retinanet.boxes import pairwise_iou
-from retinanet.data.coco import DatasetError
-from retinanet.data.image_io import ImageReadError
+from retinanet.boxes import pairwise_iou, xyxy_to_xywh
 from retinanet.data.transforms import resized_shape
 from retinanet.losses import alpha_from_counts
 from retinanet.matcher import Matcher
-from retinanet.visualize import draw_ground_truth
 
 log = logging.getLogger(__name__)
 SIZE_EDGES = (0, 16, 32, 64, 128, 256, 512, math.inf)  # buckets of sqrt(box area) in resized pixels
@@ -45,6 +44,29 @@ def dataset_statistics(dataset) -> dict:
         "boxes": int(counts.sum()), "crowd_boxes": dataset.crowd_count(),
         "boxes_per_class": {name: int(n) for name, n in zip(dataset.class_names, counts)},
         "dropped_boxes": dict(dataset.box_counts), "skipped_records": dict(dataset.skipped),
+    }
+
+
+def box_statistics(dataset, max_images: int | None = None) -> dict:
+    """Image and box statistics of a ``CocoDetection`` from its annotations (original pixels): what ``recipe=auto``
+    fits the resize to."""
+    n = len(dataset)
+    index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round()
+    sizes = np.array([dataset.image_size(int(i)) for i in index], dtype=np.float64).reshape(-1, 2)  # (h, w)
+    boxes = [dataset.annotations(int(i)) for i in index]
+    xyxy = np.concatenate([b[~c] for b, _, c in boxes]) if boxes else np.zeros((0, 4))
+    longer = np.concatenate([np.full(int((~c).sum()), sizes[k].max()) for k, (_, _, c) in enumerate(boxes)]) \
+        if boxes else np.zeros(0)
+    wh = xyxy_to_xywh(xyxy)[:, 2:]
+    side = np.sqrt(np.clip(wh[:, 0] * wh[:, 1], 0, None))
+    return {
+        "images": n, "examined": len(index), "boxes": int(len(side)),
+        "image_longer_side": float(np.median(sizes.max(axis=1))) if len(sizes) else math.nan,
+        "box_side_p5": float(np.percentile(side, 5)) if len(side) else math.nan,
+        "box_side_median": float(np.median(side)) if len(side) else math.nan,
+        # box size relative to its image's longer side: what a resize keeps
+        "relative_side_p5": float(np.percentile(side / longer, 5)) if len(side) else math.nan,
+        "boxes_per_image": float(len(side) / max(1, len(index))),
     }
 
 
@@ -122,8 +144,7 @@ def anchor_coverage(dataset, anchors, matcher: Matcher, min_size: int | None, ma
         # boxes lost by the transform's min_box_size filter count as uncovered with IoU 0
         full_got, full_iou = np.zeros(len(boxes), bool), np.zeros(len(boxes))
         full_got[alive], full_iou[alive] = got.numpy(), iou.numpy()
-        b = boxes[keep]
-        wh = np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+        wh = xyxy_to_xywh(boxes[keep])[:, 2:]
         sizes.append(np.sqrt(np.clip(wh[:, 0] * wh[:, 1], 0, None)))
         aspects.append(wh[:, 1] / np.maximum(wh[:, 0], 1e-6))
         matched.append(full_got[keep])
@@ -200,22 +221,3 @@ def format_report(stats: dict, coverage: dict, alpha: dict[str, float]) -> str:
         advice.append("no image has a box: check the annotation file and its category ids")
     lines += ["", "hints:" if advice else "hints: none, anchors fit the boxes"] + [f" - {h}" for h in advice]
     return "\n".join(lines)
-
-
-def render_samples(dataset, out_dir: str | Path, num: int = 8) -> list[Path]:
-    """The ground truth of ``num`` images (evenly spaced) drawn on them, saved as JPEG under ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)
-    written = []
-    for i in sorted({int(round(v)) for v in np.linspace(0, n - 1, min(num, n))}) if n and num > 0 else []:
-        try:
-            image = dataset.load_image(i)
-        except (ImageReadError, DatasetError) as err:
-            log.warning("sample not rendered: %s", err)
-            continue
-        boxes, labels, crowd = dataset.annotations(i)
-        path = out_dir / f"{i:05d}_{Path(dataset.image_path(i)).stem}.jpg"
-        draw_ground_truth(image, boxes, labels, crowd, dataset.class_names).save(path, quality=90)
-        written.append(path)
-    return written

@@ -1,9 +1,8 @@
-"""Inference inputs: the images and videos named by ``input=`` (files, folders, globs, or a list of them), the
-images as a dataset of ``Collate`` samples; and the detector that runs them (a checkpoint or an exported
-ONNX model).
+"""Inference inputs: the images and videos named by ``input=`` (files, folders, globs, or a list of them), and the
+images as a dataset of ``Collate`` samples.
 
 The detections themselves come from ``retinanet.detector.Detector`` (or its ONNX twin,
-``retinanet.onnx_detector.OnnxDetector``), like everywhere else.
+``retinanet.deploy.onnx_detector.OnnxDetector``), like everywhere else; ``retinanet.deploy.infer`` runs them.
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ from pathlib import Path
 import torch
 
 from retinanet.data.image_io import IMAGE_EXTENSIONS, ImageReadError, load_rgb
-from retinanet.detector import Detector, image_sample
-from retinanet.errors import ConfigError, UserError
-from retinanet.runtime import inference_dtype
-from retinanet.video import VIDEO_EXTENSIONS
+from retinanet.deploy.video import VIDEO_EXTENSIONS
+from retinanet.detector import image_sample
+from retinanet.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -109,26 +107,6 @@ def find_inputs(specs, exclude: str | os.PathLike | None = None) -> tuple[list[t
             else:
                 (images if kind == "image" else videos).append((path, name))
     return images, videos, skipped
-
-
-def load_detector(checkpoint, device="auto", min_size: int | None = None, max_size: int | None = None,
-                  postprocess=None, precision="auto"):
-    """What ``checkpoint=`` names, ready to detect: a training checkpoint -> ``Detector`` (computing in ``precision``:
-    ``runtime.inference_dtype``), an exported ``.onnx`` model with its sidecar -> ``OnnxDetector`` (fp32)."""
-    suffix = Path(str(checkpoint)).suffix.lower()
-    if suffix == ".onnx":
-        if str(precision) not in ("auto", "32"):
-            raise ConfigError(f"precision={precision}: {checkpoint} is an ONNX model exported in fp32; run it with "
-                              "precision=32 (or auto), or run the checkpoint for bf16 / fp16")
-        from retinanet.onnx_detector import OnnxDetector
-
-        return OnnxDetector(checkpoint, device, min_size, max_size, postprocess)
-    if suffix == ".pt2":
-        raise ConfigError(f"checkpoint={checkpoint}: infer runs training checkpoints and ONNX exports (.onnx), not "
-                          "torch.export programs (load those with torch.export.load)")
-    detector = Detector.from_checkpoint(checkpoint, device, min_size, max_size, postprocess=postprocess)
-    detector.autocast_dtype = inference_dtype(precision, detector.device, detector.autocast_dtype)
-    return detector
 
 
 def find_images(spec: str, exclude: str | os.PathLike | None = None) -> tuple[list[Path], Path, list[Path]]:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from retinanet.data.coco import DatasetError
+from retinanet.data.image_io import ImageReadError
+
+log = logging.getLogger(__name__)
 
 # well-separated colours, one per class (cycled)
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -61,3 +68,22 @@ def draw_ground_truth(image, boxes, labels, crowd, class_names: Sequence[str]) -
     captions = [f"{class_names[k]} (crowd)" if c else class_names[k] for k, c in zip(labels.tolist(), crowd.tolist())]
     colors = [CROWD_COLOR if c else class_color(k) for k, c in zip(labels.tolist(), crowd.tolist())]
     return draw_boxes(image, boxes, captions, colors)
+
+
+def render_samples(dataset, out_dir: str | Path, num: int = 8) -> list[Path]:
+    """The ground truth of ``num`` images (evenly spaced) drawn on them, saved as JPEG under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    written = []
+    for i in sorted({int(round(v)) for v in np.linspace(0, n - 1, min(num, n))}) if n and num > 0 else []:
+        try:
+            image = dataset.load_image(i)
+        except (ImageReadError, DatasetError) as err:
+            log.warning("sample not rendered: %s", err)
+            continue
+        boxes, labels, crowd = dataset.annotations(i)
+        path = out_dir / f"{i:05d}_{Path(dataset.image_path(i)).stem}.jpg"
+        draw_ground_truth(image, boxes, labels, crowd, dataset.class_names).save(path, quality=90)
+        written.append(path)
+    return written

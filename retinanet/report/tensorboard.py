@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from retinanet.evaluation import STAT_NAMES
-from retinanet.visualize import draw_boxes
+from retinanet.report.visualize import draw_boxes
 
 GT_COLOR = (0, 230, 0)
 PRED_COLOR = (255, 40, 40)

@@ -1,16 +1,26 @@
-"""``trainer.time_limit``: a run that must end within a budget of training seconds plans its length per step.
+"""The run's length in optimiser steps: ``trainer.epochs`` worth, or planned per step to fit ``trainer.time_limit``.
 
-The rule: with ``trainer.epochs`` set, the limit is a cap (the run trains the epochs asked for, or fewer
-steps if they would not fit); with ``trainer.epochs=null`` the run fills the budget (it plans as many
-steps as fit). Either way the plan is made from the measured pace after every step, the learning-rate
-schedule is re-planned to end with the last step (``retinanet.optim.set_total_steps``), and the run
-never starts a step that would end past the limit. Evaluation and epoch-end checkpoints are not counted.
+``plan_run`` makes a run's ``RunPlan``, the one place that knows the length and keeps the learning-rate
+schedule to it; the training loop only reports each step to it (``RunPlan.after_step``).
+
+The time limit's rule: with ``trainer.epochs`` set, the limit is a cap (the run trains the epochs asked
+for, or fewer steps if they would not fit); with ``trainer.epochs=null`` the run fills the budget (it
+plans as many steps as fit). Either way the plan is made from the measured pace after every step, the
+learning-rate schedule is re-planned to end with the last step (``retinanet.optim.set_total_steps``),
+and the run never starts a step that would end past the limit. Evaluation and epoch-end checkpoints are
+not counted.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
+
+from retinanet import distributed
+from retinanet.optim import set_total_steps, total_steps_of
+
+log = logging.getLogger(__name__)
 
 
 class TimeBudget:
@@ -61,6 +71,54 @@ class TimeBudget:
         """Would one more step at the current pace end past the limit?"""
         pace = self.pace() or 0.0
         return spent_s + pace >= self.limit_s
+
+
+class RunPlan:
+    """How many optimiser steps the run trains, with its schedule kept planned for that many.
+
+    ``total``: the steps planned now; ``budget``: a ``TimeBudget`` that re-plans them after every step
+    (None: ``total`` is fixed); ``spent_s``: the training seconds already spent (a resumed run's).
+    Rank 0's plan is broadcast, so every rank trains the same number of steps.
+    """
+
+    def __init__(self, scheduler, total: int, budget: TimeBudget | None = None, spent_s: float = 0.0):
+        self.scheduler, self.budget = scheduler, budget
+        set_total_steps(scheduler, total)
+        if budget is not None:
+            budget.reset_clock(spent_s)
+
+    @property
+    def total(self) -> int:
+        return total_steps_of(self.scheduler)
+
+    @property
+    def planned_steps(self) -> int | None:
+        """What checkpoints keep: the planned total under a time limit, else None (the config says it)."""
+        return self.total if self.budget is not None else None
+
+    def after_step(self, step: int, spent_s: float) -> bool:
+        """Step ``step`` ended with ``spent_s`` training seconds spent: re-plan; are the run's steps done?"""
+        if self.budget is not None:
+            self.budget.record(spent_s)
+            total = step if self.budget.exhausted(spent_s) else self.budget.total_steps(step, spent_s, self.total)
+            total = distributed.broadcast_object(total)
+            if total != self.total:
+                set_total_steps(self.scheduler, total)
+        return step >= self.total
+
+
+def plan_run(scheduler, steps_per_epoch: int, epochs: int | None, time_limit: float | None,
+             planned_steps: int | None = None, spent_s: float = 0.0) -> RunPlan:
+    """The plan of a run of ``epochs`` (None: as many as ``time_limit`` seconds hold); a resumed run passes the
+    ``planned_steps`` and training seconds ``spent_s`` of its checkpoint."""
+    total = (epochs or 1) * steps_per_epoch
+    if not time_limit:
+        return RunPlan(scheduler, total)
+    budget = TimeBudget(time_limit, epochs * steps_per_epoch if epochs else None)
+    log.info("trainer.time_limit=%gs of training: %s", time_limit,
+             "the run plans as many steps as fit, from its pace" if budget.fills else
+             f"at most {epochs} epochs; fewer steps if they would not fit, from the pace")
+    return RunPlan(scheduler, planned_steps if planned_steps is not None else total, budget, spent_s)
 
 
 def train_seconds(history: list[dict]) -> float:

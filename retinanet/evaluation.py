@@ -157,6 +157,11 @@ def format_metrics(metrics: dict, class_names: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
+def judged_metrics(entry: dict) -> dict | None:
+    """The validation metrics an epoch is judged by: of the EMA weights when the run keeps an EMA."""
+    return entry.get("val_ema") or entry.get("val")
+
+
 @dataclasses.dataclass
 class Evaluation:
     """One evaluation: ``metrics`` (JSON-ready: stats, per_class, loss, images, seconds) and, on rank 0,

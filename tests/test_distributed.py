@@ -23,6 +23,7 @@ from retinanet.data.transforms import build_transforms
 from retinanet.distributed import parameter_digest
 from retinanet.engine import TrainStep, train_one_epoch
 from retinanet.errors import ConfigError
+from retinanet.resume import TrainState
 from retinanet.trainer import run
 
 from conftest import ROOT, compose_train
@@ -134,9 +135,10 @@ def test_gradient_accumulation_equals_the_big_batch(micro, normalization):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         step = TrainStep(model, instantiate(cfg.loss, num_classes=6), anchors, optimizer, scheduler,
-                         torch.device("cpu"))
-        stats = train_one_epoch(step, loader, epoch=1, step=0, accumulate=accumulate, show_progress=False)
-        assert stats["step"] == 16 // (batch_size * accumulate)
+                         torch.device("cpu"), accumulate=accumulate)
+        state = TrainState()
+        train_one_epoch(step, loader, state, show_progress=False)
+        assert state.step == 16 // (batch_size * accumulate)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     threads = torch.get_num_threads()

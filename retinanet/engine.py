@@ -271,7 +271,7 @@ def train_one_epoch(train_step: TrainStep, loader, state, plan: RunPlan | None =
     """Train epoch ``state.epoch`` over ``loader`` from where ``state`` (a ``TrainState``) stands: its
     ``progress`` says how many batches of the epoch a resumed run already trained.
 
-    Every step advances ``state`` (``step``, ``bad_steps``, ``progress``, ``planned_steps``); then the
+    Every step advances ``state`` (``step``, ``bad_steps``, ``progress``, the plan); then the
     TensorBoard scalars every ``log_every`` steps (``writer``: rank 0's, else None), the plan
     (``plan.after_step``: are the run's steps done? ``plan=None``: the epoch runs to the loader's end) and
     ``last.pt`` every ``checkpoint_every`` steps inside the epoch (``checkpointer``). A stop request
@@ -299,7 +299,7 @@ def train_one_epoch(train_step: TrainStep, loader, state, plan: RunPlan | None =
             done = False
             if plan is not None:  # re-planned from the pace, the same on every rank
                 done = plan.after_step(result.step, seconds_before + progress.seconds)
-                state.planned_steps = plan.planned_steps
+                state.planned_steps, state.budget = plan.planned_steps, plan.state_dict()
             if result.stop:
                 return EpochResult(progress.metrics(), EpochEnd.STOPPED)
             if done:

@@ -116,7 +116,7 @@ def train_run(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> TrainResult:
     parts = compose(cfg, resolved, out_dir, device)
     state = start_state(cfg, parts, out_dir)
     t = cfg.trainer
-    plan = plan_run(parts.train_step.scheduler, parts.steps_per_epoch, t.epochs, t.time_limit,
+    plan = plan_run(parts.train_step.scheduler, parts.steps_per_epoch, t.epochs, t.time_limit, state.budget,
                     state.planned_steps, spent_s=train_seconds(state.history) + state.progress.seconds)
     writer = open_writer(out_dir, state)
     try:

@@ -190,6 +190,7 @@ class TrainState:
     bad_steps: int = 0
     resumed_from: str | None = None
     planned_steps: int | None = None    # the run's total steps as trainer.time_limit planned them (None: no limit)
+    budget: dict | None = None          # trainer.time_limit's plan and pace (retinanet.budget.RunPlan.state_dict)
     curves: dict = field(default_factory=dict)  # {"loss" | "loss_cls" | "loss_box" | "lr": [[step, value], ...]}
 
 
@@ -227,6 +228,7 @@ class Checkpointer:
             "sampler": dict(self.sampler_key), "rng": rng_state(), "config": self.config,
             "label_map": self.label_map, "metrics": metrics, "history": state.history,
             "best_ap": state.best_ap, "bad_steps": state.bad_steps, "planned_steps": state.planned_steps,
+            "budget": state.budget,
             "curves": {k: torch.tensor(v, dtype=torch.float64).reshape(-1, 2) for k, v in state.curves.items()},
             "provenance": self.provenance,
         }
@@ -280,7 +282,7 @@ class Checkpointer:
                         then.get("commit"), now.get("commit"))
         state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), history=list(ckpt.get("history", [])),
                            best_ap=float(ckpt.get("best_ap", -1.0)), bad_steps=int(ckpt.get("bad_steps", 0)),
-                           resumed_from=str(path), planned_steps=ckpt.get("planned_steps"),
+                           resumed_from=str(path), planned_steps=ckpt.get("planned_steps"), budget=ckpt.get("budget"),
                            curves={k: v.tolist() for k, v in ckpt.get("curves", {}).items()})
         if ckpt.get("epoch_complete", True):
             state.epoch += 1

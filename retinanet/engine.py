@@ -5,14 +5,21 @@ matched to their anchors first, so that the loss can be divided by the positive 
 *whole* step (every micro-batch, every rank: one small all-reduce) when ``loss.normalization=batch``;
 then forward + loss (fp32, even under autocast) + backward for each micro-batch (under DDP the
 gradient all-reduce happens once, on the last one), clipping, the optimiser and scheduler step and
-the EMA update. The loss terms and the stop flag are summed over ranks once per step, so every rank
-takes the same decision on a non-finite loss or a stop request (SIGTERM) and logs the global loss.
-Each step returns a ``StepResult``; nothing is shared through a mutable context.
+the EMA update. The loss terms, positives, images and the stop flag are summed over ranks once per
+step (one all-reduce, read back by name), so every rank takes the same decision on a non-finite loss
+or a stop request (SIGTERM) and logs the global loss. Each step returns a ``StepResult``.
+
+An epoch: ``train_one_epoch`` advances the run's ``TrainState`` step by step (its step, bad steps and
+position in the epoch), writes the per-step TensorBoard scalars, asks the run's plan
+(``retinanet.budget.RunPlan``) after every step whether the run's steps are done, writes the mid-epoch
+checkpoints, and returns an ``EpochResult``: the epoch's metrics (what ``metrics.json`` records) and
+why it ended (``EpochEnd``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import time
@@ -25,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from retinanet import distributed
+from retinanet.budget import RunPlan, train_seconds
 from retinanet.data.collate import Batch
 from retinanet.errors import UserError
 from retinanet.files import atomic_save
@@ -52,6 +60,22 @@ class StepResult:
     stop: bool = False             # some rank asked to stop after this step (a signal)
 
 
+class EpochEnd(enum.Enum):
+    """Why an epoch ended."""
+
+    COMPLETE = "the loader ran out"
+    PLANNED = "the run trained its planned steps"
+    STOPPED = "a signal asked the run to stop"
+
+
+@dataclass
+class EpochResult:
+    """What ``train_one_epoch`` did: the epoch's metrics and why it ended."""
+
+    metrics: dict                  # mean loss terms, images, seconds, images/s: the epoch's "train" in metrics.json
+    end: EpochEnd
+
+
 @dataclass
 class EpochProgress:
     """Position inside an epoch and its running sums: checkpointed mid-epoch, restored on resume."""
@@ -70,9 +94,24 @@ class EpochProgress:
         state = {k: v for k, v in (state or {}).items() if k in {f.name for f in fields(cls)}}
         return cls(**state)
 
+    def count(self, result: StepResult, seconds: float) -> None:
+        """Add one step: its images and (when it was not skipped) its loss terms; ``seconds``: the epoch's so far."""
+        self.images += result.images
+        self.seconds = seconds
+        if not result.skipped:
+            for k, v in result.terms.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counted += 1
+
+    def metrics(self) -> dict:
+        """The epoch's mean loss terms (finite steps), images, seconds and images/s."""
+        means = {k: v / max(1, self.counted) for k, v in self.sums.items()}
+        return {**means, "images": self.images, "seconds": self.seconds,
+                "images_per_s": self.images / self.seconds if self.seconds > 0 else math.nan}
+
 
 class TrainStep:
-    """One optimiser step over a list of micro-batches (see the module docstring).
+    """One optimiser step over a list of ``accumulate`` micro-batches (see the module docstring).
 
     ``model`` may be wrapped in DDP; ``ema`` (``retinanet.ema.ModelEma``) is updated after every step;
     ``max_bad_steps`` non-finite steps are skipped over the whole run before one stops it
@@ -80,11 +119,13 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, anchors, optimizer: torch.optim.Optimizer,
-                 scheduler, device: torch.device, *, autocast_dtype: torch.dtype | None = None,
+                 scheduler, device: torch.device, *, accumulate: int = 1, autocast_dtype: torch.dtype | None = None,
                  scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None, ema=None,
                  channels_last: bool = False, max_bad_steps: int = 0, bad_batch_dir: Path | None = None):
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate={accumulate!r} must be an integer >= 1")
         self.model, self.criterion, self.anchors = model, criterion, anchors
-        self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
+        self.optimizer, self.scheduler, self.device, self.accumulate = optimizer, scheduler, device, accumulate
         self.autocast_dtype, self.scaler, self.grad_clip, self.ema = autocast_dtype, scaler, grad_clip, ema
         self.channels_last, self.max_bad_steps, self.bad_batch_dir = channels_last, max_bad_steps, bad_batch_dir
         dist = distributed.info()
@@ -118,11 +159,28 @@ class TrainStep:
         run already skipped; ``stop``: this rank was asked to stop (the result says whether any rank was)."""
         batches = [b.to(self.device, non_blocking=True) for b in batches]
         targets, normalizer = self._normalizer(batches)
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()] if self.max_bad_steps else None
+        local, window = self._backward(batches, targets, normalizer)
+        total = _sum_over_ranks({**local, "stop": self._scalar(float(stop))})
+        divide = 1.0 if normalizer is not None else self.world_size * len(batches)
+        terms = {k: total[k] / divide for k in TERMS}
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm, skipped = self._update(terms, window, step + 1, epoch, bad_steps, saved_buffers)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(step=step + 1, terms=terms, num_pos=total["num_pos"], images=int(total["images"]),
+                          grad_norm=grad_norm, lr=lr, skipped=skipped, stop=total["stop"] > 0)
+
+    def _scalar(self, value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64, device=self.device)
+
+    def _backward(self, batches: list[Batch], targets: list, normalizer: torch.Tensor | None) -> tuple[dict, list]:
+        """Forward, loss and backward of each micro-batch: this rank's sums of the loss terms, positives and images
+        (float64), and the window of (micro-batch, its loss terms) a bad step reports."""
         # normalised by the global positives, the micro-batch losses add up to the step's loss; DDP averages the
         # gradients over ranks, hence x world size. Per-image normalisation averages the micro-batches instead.
         scale = self.world_size if normalizer is not None else 1.0 / len(batches)
-        saved_buffers = [b.detach().clone() for b in self.model.buffers()] if self.max_bad_steps else None
-        local = torch.zeros(len(TERMS) + 2, dtype=torch.float64, device=self.device)
+        sums = {k: self._scalar(0.0) for k in (*TERMS, "num_pos", "images")}
         window = []
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -131,22 +189,22 @@ class TrainStep:
                 losses = self.forward_loss(batch, targets[i], normalizer)
                 loss = losses["loss"] * scale
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            local += torch.stack([losses[k].detach().double() for k in (*TERMS, "num_pos")]
-                                 + [torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)])
+            for k in (*TERMS, "num_pos"):
+                sums[k] += losses[k].detach().double()
+            sums["images"] += float(len(batch))
             window.append((batch, {k: float(losses[k].detach()) for k in TERMS}))
-        local = torch.cat([local, torch.tensor([float(stop)], dtype=torch.float64, device=self.device)])
-        total = distributed.all_reduce_sum(local).tolist()
-        divide = 1.0 if normalizer is not None else self.world_size * len(batches)
-        terms = {k: total[j] / divide for j, k in enumerate(TERMS)}
-        lr = self.optimizer.param_groups[0]["lr"]
+        return sums, window
 
+    def _update(self, terms: dict, window: list, step: int, epoch: int, bad_steps: int,
+                saved_buffers: list | None) -> tuple[float, bool]:
+        """Clip and apply the gradients (and update the EMA), or skip a non-finite step (``_bad_step``) with the
+        batch-norm statistics put back; returns the gradient norm and whether the step was skipped."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = _grad_norm(self.model)
         loss_ok = all(math.isfinite(v) for v in terms.values())
         grads_ok = self.scaler is not None or bool(torch.isfinite(grad_norm))  # the scaler skips inf grads itself
-        skipped = not (loss_ok and grads_ok)
-        if not skipped:
+        if loss_ok and grads_ok:
             if self.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, grad_norm)
             if self.scaler is not None:
@@ -156,16 +214,13 @@ class TrainStep:
                 self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(distributed.unwrap(self.model))
-        else:
-            self._bad_step("gradients" if loss_ok else "loss", window, float(grad_norm), step + 1, epoch, bad_steps)
-            if self.scaler is not None:
-                self.scaler.update()
-            for b, value in zip(self.model.buffers(), saved_buffers or []):
-                b.copy_(value)  # a skipped step keeps no batch-norm statistics either
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(step=step + 1, terms=terms, num_pos=total[len(TERMS)], images=int(total[len(TERMS) + 1]),
-                          grad_norm=float(grad_norm), lr=lr, skipped=skipped, stop=total[-1] > 0)
+            return float(grad_norm), False
+        self._bad_step("gradients" if loss_ok else "loss", window, float(grad_norm), step, epoch, bad_steps)
+        if self.scaler is not None:
+            self.scaler.update()
+        for b, value in zip(self.model.buffers(), saved_buffers or []):
+            b.copy_(value)  # a skipped step keeps no batch-norm statistics either
+        return float(grad_norm), True
 
     def _bad_step(self, what: str, window: list, grad_norm: float, step: int, epoch: int, bad_steps: int) -> None:
         """A non-finite step: allowed (logged) while the run has skipped fewer than ``max_bad_steps``,
@@ -201,48 +256,67 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-def train_one_epoch(train_step: TrainStep, loader, *, epoch: int, step: int, accumulate: int = 1,
-                    progress: EpochProgress | None = None, bad_steps: int = 0,
-                    on_step: Callable[[StepResult, EpochProgress], bool] | None = None,
-                    stop_requested: Callable[[], bool] | None = None, show_progress: bool = True) -> dict:
-    """Train for one pass over ``loader`` (or what is left of it: ``progress`` of a resumed epoch).
 
-    ``on_step(result, progress)`` runs after every step (logging, checkpoints, the time budget); returning
-    True ends the epoch there. Returns the epoch's mean loss terms, images, seconds, images/s, the new
-    global ``step``, the run's ``bad_steps``, ``interrupted`` (a rank was asked to stop by a signal) and
-    ``ended_early`` (``on_step`` ended it).
+
+def _sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each scalar of ``values`` summed over the ranks, by name (one all-reduce of them stacked)."""
+    names = list(values)
+    total = distributed.all_reduce_sum(torch.stack([values[k] for k in names])).tolist()
+    return dict(zip(names, total))
+
+
+def train_one_epoch(train_step: TrainStep, loader, state, plan: RunPlan | None = None, *, writer=None,
+                    log_every: int = 1, checkpointer=None, checkpoint_every: int = 0,
+                    stop_requested: Callable[[], bool] | None = None, show_progress: bool = True) -> EpochResult:
+    """Train epoch ``state.epoch`` over ``loader`` from where ``state`` (a ``TrainState``) stands: its
+    ``progress`` says how many batches of the epoch a resumed run already trained.
+
+    Every step advances ``state`` (``step``, ``bad_steps``, ``progress``, the plan); then the
+    TensorBoard scalars every ``log_every`` steps (``writer``: rank 0's, else None), the plan
+    (``plan.after_step``: are the run's steps done? ``plan=None``: the epoch runs to the loader's end) and
+    ``last.pt`` every ``checkpoint_every`` steps inside the epoch (``checkpointer``). A stop request
+    (``stop_requested()`` on any rank) ends the epoch after the step.
     """
-    progress = progress if progress is not None else EpochProgress()
+    progress, epoch = state.progress, state.epoch
     train_step.model.train()
-    t0, seconds0 = time.perf_counter(), progress.seconds
-    interrupted = ended_early = False
+    t0, seconds0, seconds_before = time.perf_counter(), progress.seconds, train_seconds(state.history)
     window: list[Batch] = []
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress, dynamic_ncols=True,
-               initial=progress.batches, total=len(loader))
-    for batch in bar:
-        window.append(batch)
-        progress.batches += 1
-        if progress.batches % accumulate:
-            continue
-        result = train_step(window, step, epoch, bad_steps, stop_requested() if stop_requested else False)
-        window, step = [], result.step
-        progress.images += result.images
-        progress.seconds = seconds0 + time.perf_counter() - t0
-        if result.skipped:
-            bad_steps += 1
-        else:
-            for k, v in result.terms.items():
-                progress.sums[k] = progress.sums.get(k, 0.0) + v
-            progress.counted += 1
-        bar.set_postfix(loss=f"{result.terms['loss']:.3f}", cls=f"{result.terms['loss_cls']:.3f}",
-                        box=f"{result.terms['loss_box']:.3f}", lr=f"{result.lr:.2e}")
-        ended_early = bool(on_step(result, progress)) if on_step is not None else False
-        if result.stop or ended_early:
-            interrupted = result.stop
-            break
-    else:  # the loader ran out: its end counts too (a break keeps the time of the last step)
-        progress.seconds = seconds0 + time.perf_counter() - t0
-    means = {k: v / max(1, progress.counted) for k, v in progress.sums.items()}
-    return {**means, "images": progress.images, "seconds": progress.seconds, "step": step, "bad_steps": bad_steps,
-            "images_per_s": progress.images / progress.seconds if progress.seconds > 0 else math.nan,
-            "interrupted": interrupted, "ended_early": ended_early}
+    with tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress, dynamic_ncols=True,
+              initial=progress.batches, total=len(loader)) as bar:
+        for batch in bar:
+            window.append(batch)
+            progress.batches += 1
+            if progress.batches % train_step.accumulate:
+                continue
+            result = train_step(window, state.step, epoch, state.bad_steps,
+                                stop_requested() if stop_requested else False)
+            window = []
+            state.step, state.bad_steps = result.step, state.bad_steps + int(result.skipped)
+            progress.count(result, seconds0 + time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{result.terms['loss']:.3f}", cls=f"{result.terms['loss_cls']:.3f}",
+                            box=f"{result.terms['loss_box']:.3f}", lr=f"{result.lr:.2e}")
+            _log_step(writer, result, log_every)
+            done = False
+            if plan is not None:  # re-planned from the pace, the same on every rank
+                done = plan.after_step(result.step, seconds_before + progress.seconds)
+                state.planned_steps, state.budget = plan.planned_steps, plan.state_dict()
+            if result.stop:
+                return EpochResult(progress.metrics(), EpochEnd.STOPPED)
+            if done:
+                return EpochResult(progress.metrics(), EpochEnd.PLANNED)
+            if checkpointer is not None and checkpoint_every and result.step % checkpoint_every == 0 \
+                    and progress.batches < len(loader):
+                checkpointer.save(state, epoch_complete=False)
+    progress.seconds = seconds0 + time.perf_counter() - t0  # the loader ran out: its end counts too
+    return EpochResult(progress.metrics(), EpochEnd.COMPLETE)
+
+
+def _log_step(writer, result: StepResult, log_every: int) -> None:
+    """The step's TensorBoard scalars, every ``log_every`` steps (rank 0: ``writer`` is None elsewhere)."""
+    if writer is None or result.step % log_every:
+        return
+    for k in TERMS:
+        writer.add_scalar(f"train/{k}", result.terms[k], result.step)
+    writer.add_scalar("train/lr", result.lr, result.step)
+    writer.add_scalar("train/num_pos_per_image", result.num_pos / max(1, result.images), result.step)
+    writer.add_scalar("train/grad_norm", result.grad_norm, result.step)

@@ -168,6 +168,11 @@ def format_metrics(metrics: dict, class_names: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
+def judged_metrics(entry: dict) -> dict | None:
+    """The validation metrics an epoch is judged by: of the EMA weights when the run keeps an EMA."""
+    return entry.get("val_ema") or entry.get("val")
+
+
 @dataclasses.dataclass
 class Evaluation:
     """One evaluation: ``metrics`` (JSON-ready: stats, per_class, loss, images, seconds) and, on rank 0,
@@ -321,8 +326,3 @@ def ground_truth_as_detections(coco_gt: COCO, cat_id_to_label: dict[int, int], i
         labels = torch.tensor([cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         dets.append({"boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels})
     return dets
-
-
-def judged_metrics(entry: dict) -> dict | None:
-    """The validation metrics an epoch is judged by: of the EMA weights when the run keeps an EMA."""
-    return entry.get("val_ema") or entry.get("val")

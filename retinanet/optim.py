@@ -5,7 +5,12 @@ Optimisers: ``sgd`` and ``adamw``. Weight decay is off for norm weights and bias
 
 Schedules: ``cosine``, ``multistep`` and ``constant``, each after a linear warmup. Warmup and decay are
 fractions of the run (the warmup capped in steps), so a 60-step run and a 90,000-step run both warm up
-and decay; ``set_total_steps`` re-plans a schedule when the run's length changes (``trainer.time_limit``).
+and decay. A schedule follows a plan (``schedule_plan``): the run's total steps, the warmup's length in
+steps and the step it starts at. The warmup is fixed when it is planned: when the schedule is made, or
+(``start_warmup``) when a time-limited run has measured its pace; until then (``warmup_start=None``) the
+rate waits at the warmup's start. ``set_total_steps`` re-plans the run's length (``trainer.time_limit``)
+and leaves the warmup as planned, so a learning rate never jumps when the length moves (except for a run cut
+to less than twice its warmup: it warms up for half of what is left, so that it still decays).
 """
 
 from __future__ import annotations
@@ -125,14 +130,23 @@ def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, kind: str, war
     if not 0 <= warmup_factor <= 1:
         raise ValueError(f"warmup_factor={warmup_factor!r} must be in [0, 1]")
     # a plain function (not a callable object): LambdaLR then keeps the plan out of its state_dict,
-    # so a resumed run follows its own config, not the one saved in the checkpoint
-    plan = {"total_steps": int(total_steps)}
+    # so a resumed run follows its own config (and a time-limited one the plan its checkpoint keeps)
+    plan = {"total_steps": int(total_steps), "warmup_steps": warmup_steps(int(total_steps), warmup, warmup_max_steps),
+            "warmup_start": 0}
 
     def factor(step: int) -> float:
-        total = plan["total_steps"]
-        return lr_factor(step, total, kind, warmup_steps(total, warmup, warmup_max_steps), warmup_factor, **shape)
+        start = plan["warmup_start"]
+        if start is None:  # the run's length is not planned yet: the rate waits at the warmup's start
+            return warmup_factor
+        total = plan["total_steps"] - start  # the schedule runs from its warmup's start to the run's end
+        # a run cut to less than twice its warmup warms up for half of it (or the fraction asked): it still decays
+        warm = min(plan["warmup_steps"], max(warmup_for(total), total // 2))
+        return lr_factor(step - start, total, kind, warm, warmup_factor, **shape)
 
-    factor.plan = plan
+    def warmup_for(steps: int) -> int:
+        return warmup_steps(steps, warmup, warmup_max_steps)
+
+    factor.plan, factor.warmup_for = plan, warmup_for
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -164,16 +178,39 @@ def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float =
     return _schedule(optimizer, total_steps, "constant", warmup, warmup_max_steps, warmup_factor)
 
 
-def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
-    """Re-plan a schedule of this module for ``total_steps``; the current learning rate follows at once."""
+def schedule_plan(scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict:
+    """The plan a schedule of this module follows: ``total_steps``, ``warmup_steps``, ``warmup_start`` (None: the
+    warmup waits at its start)."""
+    return dict(scheduler.lr_lambdas[0].plan)
+
+
+def set_schedule_plan(scheduler: torch.optim.lr_scheduler.LambdaLR, **plan) -> None:
+    """Change the plan of a schedule of this module (keys of ``schedule_plan``); the current learning rate follows
+    at once."""
+    unknown = set(plan) - {"total_steps", "warmup_steps", "warmup_start"}
+    if unknown:
+        raise ValueError(f"not keys of a schedule's plan: {sorted(unknown)}")
     for fn in scheduler.lr_lambdas:
-        fn.plan["total_steps"] = int(total_steps)
+        fn.plan.update(plan)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
 
 
+def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Re-plan a schedule of this module for a run of ``total_steps``; its warmup stays as planned."""
+    set_schedule_plan(scheduler, total_steps=int(total_steps))
+
+
+def start_warmup(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Plan the warmup from the current step on: the schedule's fraction of the steps left (at most its cap)."""
+    step = scheduler.last_epoch
+    for fn in scheduler.lr_lambdas:
+        fn.plan.update(warmup_start=step, warmup_steps=fn.warmup_for(max(1, fn.plan["total_steps"] - step)))
+    set_schedule_plan(scheduler)
+
+
 def total_steps_of(scheduler: torch.optim.lr_scheduler.LambdaLR) -> int:
     """The run length a schedule of this module is planned for."""
-    return int(scheduler.lr_lambdas[0].plan["total_steps"])
+    return int(schedule_plan(scheduler)["total_steps"])

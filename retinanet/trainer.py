@@ -1,14 +1,20 @@
-"""Training: compose the parts from a config, then the epoch loop (train, evaluate, checkpoint).
+"""Training: compose the parts of a run from its config, then the epoch loop (train, evaluate, checkpoint).
 
-``run(cfg, out_dir)`` is what ``retinanet-train`` calls; tests call it too with a config from
-Hydra's compose API. It returns the final validation AP (the value Hydra sweepers optimise; the
-EMA weights' AP when ``trainer.ema.decay`` is set).
+Read top to bottom. ``fit(cfg, out_dir)`` prepares the run dir (``prepare``), composes the parts
+(``compose``), resumes or starts the training state (``start_state``), plans the run's length
+(``retinanet.budget.plan_run``), then runs epochs until the plan is trained: ``run_epoch`` =
+``retinanet.engine.train_one_epoch`` (the steps), ``evaluate_epoch`` when due, ``end_epoch`` (history,
+``last.pt`` / ``best.pt``, ``metrics.json``). ``finish`` writes the final ``metrics.json``, prints the
+summary and draws the pictures; ``fit`` returns a ``TrainResult``.
 
-Under ``torchrun`` every rank runs this same function: DDP model, sharded batches, sharded
-evaluation gathered on rank 0; rank 0 alone logs, writes TensorBoard, metrics and checkpoints.
-The step itself is ``retinanet.engine``, evaluation ``retinanet.evaluation``, the device and
-precision ``retinanet.runtime``, the time budget ``retinanet.budget``, checkpoints and resume
-``retinanet.resume``.
+``run(cfg, out_dir)`` is what ``retinanet-train`` calls: the final validation AP (the value Hydra sweepers
+optimise; the EMA weights' AP when ``trainer.ema.decay`` is set). ``retinanet.train`` (``retinanet.api``)
+composes the config from Python and calls ``fit``.
+
+Under ``torchrun`` every rank runs this same code: DDP model, sharded batches, sharded evaluation gathered
+on rank 0; rank 0 alone logs, writes TensorBoard, metrics and checkpoints. Evaluation is
+``retinanet.evaluation``, the device and precision ``retinanet.runtime``, checkpoints and resume
+``retinanet.checkpoint``.
 """
 
 from __future__ import annotations
@@ -23,18 +29,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from retinanet import distributed, recipe
-from retinanet.budget import TimeBudget, train_seconds
+from retinanet.budget import RunPlan, plan_run, train_seconds
 from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path
 from retinanet.config import build, validate_train_config
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
 from retinanet.ema import ModelEma
-from retinanet.engine import TERMS, EpochProgress, StepResult, TrainStep, train_one_epoch
+from retinanet.engine import EpochEnd, EpochProgress, TrainStep, train_one_epoch
 from retinanet.errors import ConfigError
-from retinanet.evaluation import evaluate, format_metrics
+from retinanet.evaluation import evaluate, format_metrics, judged_metrics
 from retinanet.files import atomic_write_json, remove_stale_temps
 from retinanet.model.init import init_from
-from retinanet.optim import set_total_steps, total_steps_of
 from retinanet.report import plots, provenance
 from retinanet.report.tensorboard import log_eval_visuals, log_hparams
 from retinanet.runtime import precision_setup, process_settings, resolve_device
@@ -64,12 +69,32 @@ class Parts:
     detector: Detector              # validation: the model being trained, at the evaluation resize
     checkpointer: Checkpointer
     steps_per_epoch: int
-    accumulate: int
     evaluations: dict = dataclasses.field(default_factory=dict)  # the latest Evaluation per key (val, val_ema)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a finished run made."""
+
+    run_dir: Path
+    best: Path | None               # best.pt: the weights of the best judged AP (None if no epoch had an AP)
+    last: Path                      # last.pt: the final training state (resume from it)
+    metrics: dict                   # the final validation metrics (the EMA weights' when the run keeps an EMA)
+
+    @property
+    def ap(self) -> float:
+        """The final validation AP (NaN when COCOeval had nothing to score)."""
+        ap = self.metrics["stats"]["AP"]
+        return float(ap) if ap is not None else float("nan")
+
+
 def run(cfg: DictConfig, out_dir: str | Path) -> float:
-    """Train, evaluate and checkpoint as configured. Returns the final validation AP.
+    """``retinanet-train``: train as configured into ``out_dir``; returns the final validation AP."""
+    return fit(cfg, out_dir).ap
+
+
+def fit(cfg: DictConfig, out_dir: str | Path) -> TrainResult:
+    """Train, evaluate and checkpoint as configured into ``out_dir``.
 
     A SIGTERM or Ctrl-C saves ``last.pt`` and exits (``SystemExit(128 + signal)``); resume with
     ``trainer.resume=auto``.
@@ -80,71 +105,48 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
     stop = StopSignal().install()
     try:
         with process_settings(cfg.trainer.threads, cfg.trainer.deterministic):
-            return _train(cfg, Path(distributed.broadcast_object(str(out_dir))), stop)
+            return train_run(cfg, Path(distributed.broadcast_object(str(out_dir))), stop)
     finally:
         stop.restore()
 
 
-def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device) -> Parts:
-    """Datasets, loaders, model, loss, optimiser, schedule, EMA, the training step, the validation detector and the
-    checkpointer of a run."""
-    dist = distributed.info()
-    train_set = build_dataset(cfg.data, "train", train=True)
-    val_set = build_dataset(cfg.data, "val", train=False)
-    if train_set.label_to_cat_id != val_set.label_to_cat_id:
-        raise ConfigError(f"train and val categories differ: {train_set.ann_file} has {train_set.label_to_cat_id}, "
-                          f"{val_set.ann_file} has {val_set.label_to_cat_id}")
+def train_run(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> TrainResult:
+    """The run, top to bottom (see the module docstring)."""
+    device = resolve_device(cfg.device)
+    resolved = prepare(cfg, out_dir, device)
+    seed_everything(cfg.seed)
+    parts = compose(cfg, resolved, out_dir, device)
+    state = start_state(cfg, parts, out_dir)
     t = cfg.trainer
-    pin, shards, accumulate = device.type == "cuda", dict(num_replicas=dist.world_size, rank=dist.rank), \
-        t.accumulate_grad_batches
-    train_loader = build_loader(train_set, t.batch_size, True, t.num_workers, cfg.data.size_divisible, cfg.seed, pin,
-                                batches_multiple_of=accumulate, aspect_grouping=t.aspect_ratio_grouping, **shards)
-    val_loader = build_loader(val_set, t.eval_batch_size, False, t.num_workers, cfg.data.size_divisible, cfg.seed,
-                              pin, **shards)
-    if len(train_loader) < accumulate:
-        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} is more than the "
-                          f"{train_loader.batch_sampler.full_batches} batches of {t.batch_size} images per epoch of "
-                          f"each of {dist.world_size} process(es)")
-    log.info("data: %d train / %d val images, %d classes: %s", len(train_set), len(val_set), train_set.num_classes,
-             ", ".join(train_set.class_names))
+    plan = plan_run(parts.train_step.scheduler, parts.steps_per_epoch, t.epochs, t.time_limit, state.budget,
+                    state.planned_steps, spent_s=train_seconds(state.history) + state.progress.seconds)
+    writer = open_writer(out_dir, state)
+    try:
+        while state.step < plan.total:
+            run_epoch(cfg, state, parts, plan, stop, writer)
+        evaluated = [e for e in state.history if "val" in e]
+        if writer is not None and evaluated:  # the HParams tab: this run's settings with its final numbers
+            log_hparams(writer, cfg, judged_metrics(evaluated[-1]), step=state.step)
+    finally:
+        if writer is not None:
+            writer.close()
+        parts.train_loader.shutdown()  # the worker processes end with the run
+        parts.val_loader.shutdown()
+    return finish(cfg, state, out_dir, parts, plan)
 
-    anchors = build(cfg.model.anchors)
-    model = build(cfg.model.net, num_classes=train_set.num_classes, num_anchors=anchors.num_anchors_per_location)
-    if cfg.model.get("init_from"):
-        init_from(model, cfg.model.init_from)
-    model.to(device)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if t.sync_bn and device.type != "cuda":
-        raise ConfigError("trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on GPUs only); on CPU use "
-                          "model.net.norm=gn or frozen_bn, whose results do not depend on the batch split")
-    ema = ModelEma(model, t.ema.decay) if t.ema.decay else None
-    criterion = build(cfg.loss, num_classes=train_set.num_classes, class_counts=train_set.class_counts()).to(device)
-    global_batch = t.batch_size * dist.world_size * accumulate
-    optimizer = build(cfg.optim, model=model, global_batch=global_batch)
-    steps_per_epoch = len(train_loader) // accumulate
-    scheduler = build(cfg.schedule, optimizer=optimizer, total_steps=steps_per_epoch * (t.epochs or 1))
-    autocast_dtype, scaler = precision_setup(str(t.precision), device)
-    log.info("model %s: %.2fM parameters, batches of %d images (%d per process x %d process(es) x %d accumulated) "
-             "on %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, global_batch, t.batch_size,
-             dist.world_size, accumulate, device)
-    log.info("loss: %s", criterion.describe() if hasattr(criterion, "describe") else type(criterion).__name__)
-    train_model = distributed.wrap_model(model, device, t.sync_bn)
-    if t.compile:  # the training forward / backward only; evaluation runs the plain model (few, varied shapes)
-        log.info("trainer.compile=true: torch.compile (inductor) of the training model; the first steps compile")
-        train_model = torch.compile(train_model)
-    train_step = TrainStep(train_model, criterion, anchors, optimizer,
-                           scheduler, device, autocast_dtype=autocast_dtype, scaler=scaler, grad_clip=t.grad_clip,
-                           ema=ema, channels_last=t.channels_last, max_bad_steps=t.max_bad_steps,
-                           bad_batch_dir=out_dir)
-    label_map = {"class_names": list(train_set.class_names), "category_ids": [int(c) for c in train_set.label_to_cat_id]}
-    detector = Detector.from_config(resolved, label_map, device, model=model)
-    checkpointer = Checkpointer(
-        out_dir, model, optimizer, scheduler, scaler, ema, config=resolved, label_map=label_map,
-        sampler_key={"world_size": dist.world_size, "batch_size": t.batch_size, "accumulate": accumulate,
-                     "batches_per_epoch": len(train_loader), "seed": cfg.seed, "train_images": len(train_set)})
-    return Parts(train_set, val_set, train_loader, val_loader, model, criterion, ema, train_step, detector,
-                 checkpointer, steps_per_epoch, accumulate)
+
+def prepare(cfg: DictConfig, out_dir: Path, device: torch.device) -> dict:
+    """The dataset generated if the preset generates one, ``recipe=auto`` applied, the config checked and written
+    to ``out_dir/config.yaml``; returns the resolved config (what checkpoints keep)."""
+    generate_data(cfg)
+    recipe.apply(cfg, device)  # recipe=auto: the `auto` values fitted to the training set
+    validate_train_config(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if distributed.info().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    return resolved
 
 
 def generate_data(cfg: DictConfig) -> None:
@@ -159,136 +161,125 @@ def generate_data(cfg: DictConfig) -> None:
         build(cfg.data.generate)
 
 
-def _train(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> float:
+def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device) -> Parts:
+    """Datasets, loaders, model, loss, optimiser, schedule, EMA, the training step, the validation detector and the
+    checkpointer of a run."""
+    dist, t = distributed.info(), cfg.trainer
+    train_set, val_set, train_loader, val_loader = build_data(cfg, device)
+    anchors = build(cfg.model.anchors)
+    model = build(cfg.model.net, num_classes=train_set.num_classes, num_anchors=anchors.num_anchors_per_location)
+    if cfg.model.get("init_from"):
+        init_from(model, cfg.model.init_from)
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if t.sync_bn and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on GPUs only); on CPU use "
+                          "model.net.norm=gn or frozen_bn, whose results do not depend on the batch split")
+    ema = ModelEma(model, t.ema.decay) if t.ema.decay else None
+    criterion = build(cfg.loss, num_classes=train_set.num_classes, class_counts=train_set.class_counts()).to(device)
+    accumulate = t.accumulate_grad_batches
+    global_batch = t.batch_size * dist.world_size * accumulate
+    optimizer = build(cfg.optim, model=model, global_batch=global_batch)
+    steps_per_epoch = len(train_loader) // accumulate
+    scheduler = build(cfg.schedule, optimizer=optimizer, total_steps=steps_per_epoch * (t.epochs or 1))
+    autocast_dtype, scaler = precision_setup(str(t.precision), device)
+    log.info("model %s: %.2fM parameters, batches of %d images (%d per process x %d process(es) x %d accumulated) "
+             "on %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, global_batch, t.batch_size,
+             dist.world_size, accumulate, device)
+    log.info("loss: %s", criterion.describe() if hasattr(criterion, "describe") else type(criterion).__name__)
+    train_step = TrainStep(training_model(model, device, t), criterion, anchors, optimizer, scheduler, device,
+                           accumulate=accumulate, autocast_dtype=autocast_dtype, scaler=scaler,
+                           grad_clip=t.grad_clip, ema=ema, channels_last=t.channels_last,
+                           max_bad_steps=t.max_bad_steps, bad_batch_dir=out_dir)
+    label_map = {"class_names": list(train_set.class_names), "category_ids": [int(c) for c in train_set.label_to_cat_id]}
+    detector = Detector.from_config(resolved, label_map, device, model=model)
+    checkpointer = Checkpointer(
+        out_dir, model, optimizer, scheduler, scaler, ema, config=resolved, label_map=label_map,
+        sampler_key={"world_size": dist.world_size, "batch_size": t.batch_size, "accumulate": accumulate,
+                     "batches_per_epoch": len(train_loader), "seed": cfg.seed, "train_images": len(train_set)})
+    return Parts(train_set, val_set, train_loader, val_loader, model, criterion, ema, train_step, detector,
+                 checkpointer, steps_per_epoch)
+
+
+def build_data(cfg: DictConfig, device: torch.device) -> tuple:
+    """The train and val datasets and this rank's loaders of them."""
+    dist, t = distributed.info(), cfg.trainer
+    train_set = build_dataset(cfg.data, "train", train=True)
+    val_set = build_dataset(cfg.data, "val", train=False)
+    if train_set.label_to_cat_id != val_set.label_to_cat_id:
+        raise ConfigError(f"train and val categories differ: {train_set.ann_file} has {train_set.label_to_cat_id}, "
+                          f"{val_set.ann_file} has {val_set.label_to_cat_id}")
+    pin, shards, accumulate = device.type == "cuda", dict(num_replicas=dist.world_size, rank=dist.rank), \
+        t.accumulate_grad_batches
+    train_loader = build_loader(train_set, t.batch_size, True, t.num_workers, cfg.data.size_divisible, cfg.seed, pin,
+                                batches_multiple_of=accumulate, aspect_grouping=t.aspect_ratio_grouping, **shards)
+    val_loader = build_loader(val_set, t.eval_batch_size, False, t.num_workers, cfg.data.size_divisible, cfg.seed,
+                              pin, **shards)
+    if len(train_loader) < accumulate:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} is more than the "
+                          f"{train_loader.batch_sampler.full_batches} batches of {t.batch_size} images per epoch of "
+                          f"each of {dist.world_size} process(es)")
+    log.info("data: %d train / %d val images, %d classes: %s", len(train_set), len(val_set), train_set.num_classes,
+             ", ".join(train_set.class_names))
+    return train_set, val_set, train_loader, val_loader
+
+
+def training_model(model: torch.nn.Module, device: torch.device, t: DictConfig) -> torch.nn.Module:
+    """The model the training step runs: DDP-wrapped under torchrun, compiled with ``trainer.compile``."""
+    train_model = distributed.wrap_model(model, device, t.sync_bn)
+    if t.compile:  # the training forward / backward only; evaluation runs the plain model (few, varied shapes)
+        log.info("trainer.compile=true: torch.compile (inductor) of the training model; the first steps compile")
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def start_state(cfg: DictConfig, parts: Parts, out_dir: Path) -> TrainState:
+    """A new training state, or the one ``trainer.resume`` points to (every object of ``parts`` restored)."""
     dist = distributed.info()
-    device = resolve_device(cfg.device)
-    generate_data(cfg)
-    recipe.apply(cfg, device)  # recipe=auto: the `auto` values fitted to the training set
-    validate_train_config(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out_dir)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    seed_everything(cfg.seed)
-    parts = compose(cfg, resolved, out_dir, device)
     if dist.is_main:  # versions, git commit, annotation files: in every checkpoint and the model card
         parts.checkpointer.provenance = provenance.collect(cfg.data.name, parts.train_set, parts.val_set)
     path = distributed.broadcast_object(resume_path(cfg.trainer.resume, out_dir) if dist.is_main else None)
-    state = parts.checkpointer.load(path) if path is not None else TrainState()
-    budget = None
-    if cfg.trainer.time_limit:
-        asked = cfg.trainer.epochs * parts.steps_per_epoch if cfg.trainer.epochs else None
-        budget = TimeBudget(cfg.trainer.time_limit, asked)
-        log.info("trainer.time_limit=%gs of training: %s", cfg.trainer.time_limit,
-                 "the run plans as many steps as fit, from its pace" if budget.fills else
-                 f"at most {cfg.trainer.epochs} epochs; fewer steps if they would not fit, from the pace")
-    set_total_steps(parts.train_step.scheduler, planned_steps(cfg, state, parts.steps_per_epoch))
-    writer = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
-        writer = plots.RecordingWriter(writer, state.curves)  # the per-step curves of plots/loss_lr.png
-    try:
-        train_epochs(cfg, state, parts, budget, stop, writer)
-        evaluated = [e for e in state.history if "val" in e]
-        if writer is not None and evaluated:  # the HParams tab: this run's settings with its final numbers
-            log_hparams(writer, cfg, evaluated[-1].get("val_ema") or evaluated[-1]["val"], step=state.step)
-    finally:
-        if writer is not None:
-            writer.close()
-        parts.train_loader.shutdown()  # the worker processes end with the run
-        parts.val_loader.shutdown()
-    return finish(cfg, state, out_dir, parts.val_set, budget, parts.evaluations)
+    return parts.checkpointer.load(path) if path is not None else TrainState()
 
 
-def planned_steps(cfg: DictConfig, state: TrainState, steps_per_epoch: int) -> int:
-    """The run's total steps: what a time limit planned (kept in checkpoints), else ``trainer.epochs`` worth."""
-    if state.planned_steps is not None and cfg.trainer.time_limit:
-        return state.planned_steps
-    return (cfg.trainer.epochs or 1) * steps_per_epoch
+def open_writer(out_dir: Path, state: TrainState):
+    """Rank 0's TensorBoard writer, also keeping the per-step curves of ``plots/loss_lr.png`` in ``state.curves``;
+    None on the other ranks."""
+    if not distributed.info().is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
+
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
+    return plots.RecordingWriter(writer, state.curves)
 
 
-def train_epochs(cfg: DictConfig, state: TrainState, parts: Parts, budget: TimeBudget | None, stop: StopSignal,
-                 writer) -> None:
-    """The epoch loop from ``state`` on, until the planned steps are trained: train, evaluate, checkpoint;
-    exits (checkpoint saved) on a signal."""
-    t, scheduler, checkpointer = cfg.trainer, parts.train_step.scheduler, parts.checkpointer
-    spent_before = train_seconds(state.history)
-    if budget is not None:
-        budget.reset_clock(spent_before + state.progress.seconds)
-
-    def on_step(result: StepResult, progress: EpochProgress) -> bool:
-        state.step = result.step
-        if writer is not None and result.step % t.log_every == 0:
-            for k in TERMS:
-                writer.add_scalar(f"train/{k}", result.terms[k], result.step)
-            writer.add_scalar("train/lr", result.lr, result.step)
-            writer.add_scalar("train/num_pos_per_image", result.num_pos / max(1, result.images), result.step)
-            writer.add_scalar("train/grad_norm", result.grad_norm, result.step)
-        total = total_steps_of(scheduler)
-        if budget is not None:
-            spent = spent_before + progress.seconds
-            budget.record(spent)
-            new_total = distributed.broadcast_object(
-                result.step if budget.exhausted(spent) else budget.total_steps(result.step, spent, total))
-            if new_total != total:
-                set_total_steps(scheduler, new_total)
-                state.planned_steps = total = new_total
-        every = t.checkpoint_every_steps
-        if every and result.step % every == 0 and progress.batches < len(parts.train_loader) and result.step < total:
-            state.progress = progress
-            checkpointer.save(state, epoch_complete=False)
-        return result.step >= total
-
-    while state.step < total_steps_of(scheduler):
-        epoch = state.epoch
-        parts.train_loader.batch_sampler.set_epoch(epoch, skip=state.progress.batches)
-        stats = train_one_epoch(parts.train_step, parts.train_loader, epoch=epoch, step=state.step,
-                                accumulate=parts.accumulate, progress=state.progress, bad_steps=state.bad_steps,
-                                on_step=on_step, stop_requested=stop.requested,
-                                show_progress=t.progress and distributed.info().is_main)
-        state.step, state.bad_steps = stats["step"], stats["bad_steps"]
-        if stats["interrupted"]:
-            checkpointer.save(state, epoch_complete=False)
-            log.warning("stopped by a signal at step %d (epoch %d, %d of %d batches): saved %s; continue with "
-                        "trainer.resume=auto (same run dir) or trainer.resume=%s", state.step, epoch,
-                        state.progress.batches, len(parts.train_loader), checkpointer.last, checkpointer.last)
-            raise SystemExit(stop.exit_code())
-        spent_before += stats["seconds"]
-        total = total_steps_of(scheduler)
-        last = state.step >= total
-        log.info("epoch %d%s: loss %.4f (cls %.4f, box %.4f), %.1f images/s, step %d of %d", epoch,
-                 " (the last)" if last else "", stats.get("loss", float("nan")), stats.get("loss_cls", float("nan")),
-                 stats.get("loss_box", float("nan")), stats["images_per_s"], state.step, total)
-        entry = {"epoch": epoch, "step": state.step, "train": stats, "bad_steps": state.bad_steps}
-        if last or (t.eval_every and epoch % t.eval_every == 0):
-            evaluate_epoch(entry, parts, writer, t.progress, cfg.evaluation.backend)
-        state.history.append(entry)
-        ap = final_ap(entry)
-        improved = ap is not None and ap > state.best_ap
-        if improved:
-            state.best_ap = ap
-        state.progress = EpochProgress()
-        checkpointer.save(state, epoch_complete=True, metrics=entry.get("val_ema") or entry.get("val"))
-        state.epoch = epoch + 1
-        if improved:
-            checkpointer.mark_best()
-        if distributed.info().is_main:
-            keep_epoch_copy(checkpointer.last, epoch, t.keep_last)
-            atomic_write_json({"history": state.history}, checkpointer.out_dir / "metrics.json")
-        if budget is not None:
-            budget.reset_clock(spent_before)
-        if distributed.any_rank(stop.requested()):
-            log.warning("stopped by a signal after epoch %d: saved %s", epoch, checkpointer.last)
-            raise SystemExit(stop.exit_code())
-
-
-def final_ap(entry: dict) -> float | None:
-    """The AP an epoch is judged by: of the EMA weights when there are any."""
-    val = entry.get("val_ema") or entry.get("val")
-    return None if val is None or val["stats"]["AP"] is None else float(val["stats"]["AP"])
+def run_epoch(cfg: DictConfig, state: TrainState, parts: Parts, plan: RunPlan, stop: StopSignal, writer) -> None:
+    """Epoch ``state.epoch`` from where ``state`` is: train, evaluate when due, checkpoint. A signal: ``last.pt``
+    saved, then ``SystemExit``."""
+    t, epoch = cfg.trainer, state.epoch
+    parts.train_loader.batch_sampler.set_epoch(epoch, skip=state.progress.batches)
+    result = train_one_epoch(parts.train_step, parts.train_loader, state, plan, writer=writer, log_every=t.log_every,
+                             checkpointer=parts.checkpointer, checkpoint_every=t.checkpoint_every_steps,
+                             stop_requested=stop.requested, show_progress=t.progress and distributed.info().is_main)
+    if result.end is EpochEnd.STOPPED:
+        parts.checkpointer.save(state, epoch_complete=False)
+        log.warning("stopped by a signal at step %d (epoch %d, %d of %d batches): saved %s; continue with "
+                    "trainer.resume=auto (same run dir) or trainer.resume=%s", state.step, epoch,
+                    state.progress.batches, len(parts.train_loader), parts.checkpointer.last, parts.checkpointer.last)
+        raise SystemExit(stop.exit_code())
+    last = state.step >= plan.total
+    m = result.metrics
+    log.info("epoch %d%s: loss %.4f (cls %.4f, box %.4f), %.1f images/s, step %d of %d", epoch,
+             " (the last)" if last else "", m.get("loss", float("nan")), m.get("loss_cls", float("nan")),
+             m.get("loss_box", float("nan")), m["images_per_s"], state.step, plan.total)
+    entry = {"epoch": epoch, "step": state.step, "train": m, "bad_steps": state.bad_steps}
+    if last or (t.eval_every and epoch % t.eval_every == 0):
+        evaluate_epoch(entry, parts, writer, t.progress, cfg.evaluation.backend)
+    end_epoch(state, entry, parts.checkpointer, t.keep_last)
+    if distributed.any_rank(stop.requested()):
+        log.warning("stopped by a signal after epoch %d: saved %s", epoch, parts.checkpointer.last)
+        raise SystemExit(stop.exit_code())
 
 
 def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool, backend: str = "pycocotools") -> None:
@@ -316,42 +307,74 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def finish(cfg: DictConfig, state: TrainState, out_dir: Path, val_set, budget: TimeBudget | None,
-           evaluations: dict | None = None) -> float:
-    """Final metrics.json, printed summary and pictures (rank 0; ``evaluations``: the last ``Evaluation`` per key,
-    for the pictures); returns the final AP on every rank."""
+def end_epoch(state: TrainState, entry: dict, checkpointer: Checkpointer, keep_last: int) -> None:
+    """The epoch into the history; ``last.pt`` (and ``best.pt`` when the judged AP improved), the epoch copies and
+    ``metrics.json``."""
+    state.history.append(entry)
+    ap = judged_ap(entry)
+    improved = ap is not None and ap > state.best_ap
+    if improved:
+        state.best_ap = ap
+    state.progress = EpochProgress()
+    checkpointer.save(state, epoch_complete=True, metrics=judged_metrics(entry))
+    state.epoch = entry["epoch"] + 1
+    if improved:
+        checkpointer.mark_best()
+    if distributed.info().is_main:
+        keep_epoch_copy(checkpointer.last, entry["epoch"], keep_last)
+        atomic_write_json({"history": state.history}, checkpointer.out_dir / "metrics.json")
+
+
+def judged_ap(entry: dict) -> float | None:
+    """The AP an epoch is judged by (``judged_metrics``); None when it was not evaluated or had nothing to score."""
+    val = judged_metrics(entry)
+    return None if val is None or val["stats"]["AP"] is None else float(val["stats"]["AP"])
+
+
+def finish(cfg: DictConfig, state: TrainState, out_dir: Path, parts: Parts, plan: RunPlan) -> TrainResult:
+    """Final metrics.json, printed summary and pictures (rank 0); the result on every rank."""
     evaluated = [e for e in state.history if "val" in e]
     if not evaluated:
         raise ConfigError(f"trainer.resume: the run in {out_dir} has already trained all its steps but holds no "
                           "evaluation; raise trainer.epochs to train on")
     last = evaluated[-1]
-    metrics = last.get("val_ema") or last["val"]
-    images = sum(e["train"]["images"] for e in state.history)
-    seconds = train_seconds(state.history)
-    throughput = images / max(seconds, 1e-9)
-    dist = distributed.info()
-    if dist.is_main:
-        summary = {"history": state.history, "final": last["val"], "final_ema": last.get("val_ema"),
-                   "train_images_per_s": throughput, "train_seconds": seconds, "world_size": dist.world_size,
-                   "bad_steps": state.bad_steps, "resumed_from": state.resumed_from, "steps": state.step,
-                   "epochs_planned": cfg.trainer.epochs, "epochs_trained": len(state.history),
-                   "time_limit": cfg.trainer.time_limit}
-        atomic_write_json(summary, out_dir / "metrics.json")
-        names = dict(zip(val_set.label_to_cat_id, val_set.class_names))
-        which = " (EMA weights)" if "val_ema" in last else ""
-        print(f"\nCOCO evaluation{which} on {cfg.data.name} val ({len(val_set)} images):\n"
-              + format_metrics(metrics, names))
-        print(f"\ntraining throughput: {throughput:.1f} images/s ({images:.0f} images in {seconds:.0f} s, "
-              f"{state.step} steps, {len(state.history)} epochs)")
-        if budget is not None:
-            asked = f"of the {cfg.trainer.epochs} epochs asked for" if cfg.trainer.epochs else "planned from the pace"
-            print(f"trainer.time_limit={cfg.trainer.time_limit:g}s: trained {seconds:.0f} s "
-                  f"({seconds / cfg.trainer.time_limit:.1%} of the budget), {state.step} steps {asked}")
+    if distributed.info().is_main:
+        summary = write_summary(cfg, state, out_dir, last)
+        print_summary(cfg, state, parts.val_set, last, summary, timed=plan.budget is not None)
         if cfg.evaluation.plots.enabled:
             p = cfg.evaluation.plots
-            final = (evaluations or {}).get("val_ema" if "val_ema" in last else "val")
-            plots.write_run_plots(out_dir / "plots", state.history, state.curves, final, val_set, p.score_thresh,
-                                  p.iou_thresh, p.num_images)
+            final = parts.evaluations.get("val_ema" if "val_ema" in last else "val")
+            plots.write_run_plots(out_dir / "plots", state.history, state.curves, final, parts.val_set,
+                                  p.score_thresh, p.iou_thresh, p.num_images)
         print(f"outputs: {out_dir}")
-    ap = metrics["stats"]["AP"]
-    return float(ap) if ap is not None else float("nan")
+    best = out_dir / "best.pt"
+    return TrainResult(out_dir, best if best.is_file() else None, out_dir / "last.pt", judged_metrics(last))
+
+
+def write_summary(cfg: DictConfig, state: TrainState, out_dir: Path, last: dict) -> dict:
+    """The final ``metrics.json``: the history, the final metrics and the run's throughput and length."""
+    images = sum(e["train"]["images"] for e in state.history)
+    seconds = train_seconds(state.history)
+    summary = {"history": state.history, "final": last["val"], "final_ema": last.get("val_ema"),
+               "train_images_per_s": images / max(seconds, 1e-9), "train_seconds": seconds,
+               "world_size": distributed.info().world_size, "bad_steps": state.bad_steps,
+               "resumed_from": state.resumed_from, "steps": state.step, "epochs_planned": cfg.trainer.epochs,
+               "epochs_trained": len(state.history), "time_limit": cfg.trainer.time_limit}
+    atomic_write_json(summary, out_dir / "metrics.json")
+    return summary
+
+
+def print_summary(cfg: DictConfig, state: TrainState, val_set, last: dict, summary: dict, timed: bool) -> None:
+    """The final COCO table, the throughput and (``timed``) how much of the time limit the run used."""
+    names = dict(zip(val_set.label_to_cat_id, val_set.class_names))
+    which = " (EMA weights)" if "val_ema" in last else ""
+    print(f"\nCOCO evaluation{which} on {cfg.data.name} val ({len(val_set)} images):\n"
+          + format_metrics(judged_metrics(last), names))
+    seconds = summary["train_seconds"]
+    images = sum(e["train"]["images"] for e in state.history)
+    print(f"\ntraining throughput: {summary['train_images_per_s']:.1f} images/s ({images:.0f} images in "
+          f"{seconds:.0f} s, {state.step} steps, {len(state.history)} epochs)")
+    if timed:
+        asked = f"of the {cfg.trainer.epochs} epochs asked for" if cfg.trainer.epochs else "planned from the pace"
+        print(f"trainer.time_limit={cfg.trainer.time_limit:g}s: trained {seconds:.0f} s "
+              f"({seconds / cfg.trainer.time_limit:.1%} of the budget), {state.step} steps {asked}")

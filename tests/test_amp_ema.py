@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from retinanet.checkpoint import load_checkpoint
+from retinanet.checkpoint import TrainState, load_checkpoint
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.ema import ModelEma
 from retinanet.engine import TrainStep, train_one_epoch
@@ -62,32 +62,33 @@ def epoch_pieces(micro: Path, autocast_dtype, scaler):
     loader = build_loader(dataset, 4, True, 0, 32, seed=0, pin_memory=False)
     loader.batch_sampler.set_epoch(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    states = []
+    states = []  # the weights before step 1, after step 1, ...
+
+    def record(step: int) -> float:  # the schedule's factor: asked at the start and after every step, skipped or not
+        states.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, record)
     criterion = RecordingLoss(instantiate(cfg.loss, num_classes=6))
     train_step = TrainStep(model, criterion, anchors, optimizer, scheduler, torch.device("cpu"),
                            autocast_dtype=autocast_dtype, scaler=scaler, channels_last=True)
-
-    def on_step(result, progress):
-        states.append({k: v.detach().clone() for k, v in model.named_parameters()})
-        return False
-
-    return model, (train_step, loader, on_step), head_dtypes, states
+    return model, (train_step, loader), head_dtypes, states
 
 
-def epoch(train_step, loader, on_step) -> dict:
-    return train_one_epoch(train_step, loader, epoch=1, step=0, on_step=on_step, show_progress=False)
+def epoch(train_step, loader) -> tuple[TrainState, dict]:
+    """One epoch from a new training state: the state after it and the epoch's metrics."""
+    state = TrainState()
+    return state, train_one_epoch(train_step, loader, state, show_progress=False).metrics
 
 
 def test_bf16_autocast_on_cpu_runs_the_model_in_bf16_and_the_loss_in_fp32(micro, one_thread):
     model, pieces, head_dtypes, states = epoch_pieces(micro, torch.bfloat16, None)
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    stats = epoch(*pieces)
-    assert stats["step"] == 4 and torch.isfinite(torch.tensor(stats["loss"]))
+    state, metrics = epoch(*pieces)
+    assert state.step == 4 and torch.isfinite(torch.tensor(metrics["loss"]))
     assert set(head_dtypes) == {torch.bfloat16}  # convolutions under autocast
     assert set(pieces[0].criterion.seen) == {(torch.float32, torch.float32, torch.float32)}  # the loss is fp32
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights, updated
-    assert not all(torch.equal(before[k], states[-1][k]) for k in before)
+    assert not all(torch.equal(states[0][k], states[-1][k]) for k in states[0])
 
 
 def test_fp16_with_grad_scaler_skips_overflowing_steps_without_counting_them_bad(micro, one_thread):
@@ -97,13 +98,13 @@ def test_fp16_with_grad_scaler_skips_overflowing_steps_without_counting_them_bad
     model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
     weight = next(p for p in model.box_head.parameters())
     weight.register_hook(lambda g: g * float("inf") if calls[0] == 2 else g)  # an fp16 overflow at step 2
-    stats = epoch(*pieces)
-    assert set(head_dtypes) == {torch.float16} and stats["step"] == 4
+    state, _ = epoch(*pieces)
+    assert set(head_dtypes) == {torch.float16} and state.step == 4
     assert set(pieces[0].criterion.seen) == {(torch.float32, torch.float32, torch.float32)}
-    assert all(torch.equal(states[1][k], states[0][k]) for k in states[0])  # the scaler skipped step 2 ...
+    assert all(torch.equal(states[2][k], states[1][k]) for k in states[1])  # the scaler skipped step 2 ...
     assert scaler.get_scale() == 2.0**13  # ... and halved the scale
-    assert stats["bad_steps"] == 0  # normal AMP behaviour, not a bad step
-    assert not all(torch.equal(states[3][k], states[2][k]) for k in states[2])
+    assert state.bad_steps == 0  # normal AMP behaviour, not a bad step
+    assert not all(torch.equal(states[4][k], states[3][k]) for k in states[3])
 
 
 def test_precision_settings(caplog):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from retinanet.checkpoint import load_checkpoint
+from retinanet.checkpoint import TrainState, load_checkpoint
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.data.samplers import EpochBatchSampler
 from retinanet.data.transforms import build_transforms
@@ -133,9 +133,10 @@ def test_gradient_accumulation_equals_the_big_batch(micro, normalization):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         step = TrainStep(model, instantiate(cfg.loss, num_classes=6), anchors, optimizer, scheduler,
-                         torch.device("cpu"))
-        stats = train_one_epoch(step, loader, epoch=1, step=0, accumulate=accumulate, show_progress=False)
-        assert stats["step"] == 16 // (batch_size * accumulate)
+                         torch.device("cpu"), accumulate=accumulate)
+        state = TrainState()
+        train_one_epoch(step, loader, state, show_progress=False)
+        assert state.step == 16 // (batch_size * accumulate)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     threads = torch.get_num_threads()

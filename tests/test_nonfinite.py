@@ -9,8 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from retinanet.checkpoint import TrainState
 from retinanet.data.build import build_dataset, build_loader
-from retinanet.engine import NonFiniteLossError, TrainStep, train_one_epoch
+from retinanet.engine import EpochEnd, NonFiniteLossError, TrainStep, train_one_epoch
 from retinanet.errors import UserError
 
 from conftest import compose_train, make_micro_shapes, micro_overrides
@@ -39,21 +40,25 @@ def setup(micro: Path, tmp_path: Path, max_bad_steps: int = 0):
     loader = build_loader(dataset, 4, True, 0, 32, seed=0, pin_memory=False)
     loader.batch_sampler.set_epoch(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    states = [{k: v.clone() for k, v in model.state_dict().items()}]  # before step 1, after step 1, ...
+    states = []  # before step 1, after step 1, ...
+
+    def record(step: int) -> float:  # the schedule's factor: asked at the start and after every step, skipped or not
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, record)
     train_step = TrainStep(model, instantiate(cfg.loss, num_classes=6), anchors, optimizer, scheduler,
                            torch.device("cpu"), max_bad_steps=max_bad_steps, bad_batch_dir=tmp_path)
-
-    def on_step(result, progress):
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        return False
-
     batch_ids = [[int(dataset.image_ids[i]) for i in b] for b in loader.batch_sampler.epoch_batches()]
-    return model, (train_step, loader, on_step), states, batch_ids
+    return model, (train_step, loader), states, batch_ids
 
 
-def epoch(train_step, loader, on_step) -> dict:
-    return train_one_epoch(train_step, loader, epoch=1, step=0, on_step=on_step, show_progress=False)
+def epoch(train_step, loader) -> tuple[TrainState, dict]:
+    """One epoch from a new training state: the state after it and the epoch's metrics."""
+    state = TrainState()
+    result = train_one_epoch(train_step, loader, state, show_progress=False)
+    assert result.end is EpochEnd.COMPLETE
+    return state, result.metrics
 
 
 def poison_forward(model, bad_calls: set[int]) -> None:
@@ -103,9 +108,9 @@ def test_max_bad_steps_skips_counts_and_logs_then_stops(micro, tmp_path, caplog)
     model, pieces, states, batch_ids = setup(micro, tmp_path, max_bad_steps=2)
     poison_gradients(model, {2, 3})
     with caplog.at_level(logging.WARNING):
-        stats = epoch(*pieces)
-    assert stats["step"] == 4 and stats["bad_steps"] == 2
-    assert torch.isfinite(torch.tensor(stats["loss"]))
+        state, metrics = epoch(*pieces)
+    assert state.step == 4 and state.bad_steps == 2
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert "non-finite gradients at step 2 (epoch 1)" in caplog.text and str(batch_ids[1]) in caplog.text
     assert "Skipped that step (1 of trainer.max_bad_steps=2)" in caplog.text
     assert "Skipped that step (2 of trainer.max_bad_steps=2)" in caplog.text

@@ -1,6 +1,6 @@
 """Optimisers (one factory each, weight decay off for norms and biases, linear LR scaling) and learning-rate
 schedules whose warmup and decay are fractions of the run: a 50-step run and a 90,000-step run both warm up
-and then decay."""
+and then decay. Once planned, the warmup stays as it is when the run's length is re-planned."""
 
 import logging
 import math
@@ -11,7 +11,18 @@ from torch import nn
 
 from retinanet.config import build
 from retinanet.errors import ConfigError
-from retinanet.optim import adamw, constant, cosine, multistep, set_total_steps, sgd, warmup_steps
+from retinanet.optim import (
+    adamw,
+    constant,
+    cosine,
+    multistep,
+    schedule_plan,
+    set_schedule_plan,
+    set_total_steps,
+    sgd,
+    start_warmup,
+    warmup_steps,
+)
 
 from conftest import compose_train
 
@@ -83,17 +94,39 @@ def test_set_total_steps_replans_the_cosine_to_its_new_end():
     assert all(state is None for state in sched.state_dict()["lr_lambdas"])
 
 
-def test_a_replanned_short_run_still_warms_up_and_decays():
-    opt = sgd(nn.Linear(2, 2), lr=1.0)
-    sched = cosine(opt, 1000)  # planned long, then cut to 60 steps at step 2 (what a time limit does)
+def run_schedule(sched, steps: int, replans: dict) -> list[float]:
+    """The learning rate of each step; ``replans``: {step: function(scheduler)} applied before that step."""
     seen = []
-    for step in range(60):
-        if step == 2:
-            set_total_steps(sched, 60)
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
+    for step in range(steps):
+        if step in replans:
+            replans[step](sched)
+        seen.append(sched.optimizer.param_groups[0]["lr"])
+        sched.optimizer.step()
         sched.step()
-    assert seen[1] < seen[3] == pytest.approx(max(seen)) and seen[-1] < 0.01
+    return seen
+
+
+def test_the_warmup_stays_as_planned_when_the_length_moves():
+    warmup = cosine(sgd(nn.Linear(2, 2), lr=1.0), 1000)  # 5%: 50 steps
+    seen = run_schedule(warmup, 400, {10: lambda s: set_total_steps(s, 400), 30: lambda s: set_total_steps(s, 380)})
+    assert schedule_plan(warmup) == {"total_steps": 380, "warmup_steps": 50, "warmup_start": 0}
+    assert seen[:50] == pytest.approx([0.001 + 0.999 * s / 50 for s in range(50)])  # no jump at the re-plans
+    assert seen[50] == pytest.approx(1.0) and seen[379] == pytest.approx(0.0, abs=1e-12)
+    cut = cosine(sgd(nn.Linear(2, 2), lr=1.0), 1000)
+    seen = run_schedule(cut, 30, {2: lambda s: set_total_steps(s, 30)})  # cut shorter than its warmup
+    assert seen[29] == pytest.approx(0.0, abs=1e-12)  # still ends with the decay
+
+
+def test_a_warmup_planned_later_waits_then_starts_where_it_is_planned():
+    sched = cosine(sgd(nn.Linear(2, 2), lr=1.0), 10)
+    set_schedule_plan(sched, warmup_start=None)  # a time-limited run before its pace is measured
+    seen = run_schedule(sched, 204, {4: lambda s: (set_total_steps(s, 204), start_warmup(s))})
+    assert seen[:5] == pytest.approx([0.001] * 5)  # waits at the warmup's start, then rises from there
+    assert schedule_plan(sched) == {"total_steps": 204, "warmup_steps": 10, "warmup_start": 4}  # 5% of 200 left
+    assert seen[4:15] == pytest.approx([0.001 + 0.999 * s / 10 for s in range(11)])
+    assert seen[203] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="not keys of a schedule's plan"):
+        set_schedule_plan(sched, warmup=3)
 
 
 def test_no_weight_decay_on_norms_and_biases():

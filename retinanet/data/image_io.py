@@ -16,7 +16,6 @@ from PIL import Image, ImageOps
 
 from retinanet.errors import UserError
 
-
 # file extensions taken as images when a folder is searched (decoding itself goes by content)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm")

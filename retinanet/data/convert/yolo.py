@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from retinanet.data.convert.common import (IMAGE_EXTENSIONS, CocoBuilder, ConvertError, image_size,
-                                           read_class_names, relative_name)
+from retinanet.data.convert.common import IMAGE_EXTENSIONS, CocoBuilder, ConvertError, image_size, read_class_names, relative_name
 
 
 def read_names(path: str | Path) -> list[str]:

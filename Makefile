@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+TRAIN_STAMP := $(VENV)/.installed-train-stamp
 ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
@@ -12,14 +13,23 @@ export PYTHONUNBUFFERED := 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# Two installs: `make train` needs only the project and its dependencies (TRAIN_STAMP); every other target also
+# the test, lint and export tools of `.[dev]` (STAMP), which cover training too. An environment already holding
+# `.[dev]` for this pyproject.toml is not installed into again by `make train`; `make test` after `make train`
+# adds what `.[dev]` has more.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off -e ".[dev]"
-	@touch $(STAMP)
+	@touch $(STAMP) $(TRAIN_STAMP)
+
+$(TRAIN_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test $(STAMP) -nt pyproject.toml || $(PY) -m pip install --quiet --progress-bar off -e .
+	@touch $(TRAIN_STAMP)
 
 install: $(STAMP)  ## create .venv and install the project and its pinned dependencies
 
-train: $(STAMP)  ## train on the embedded dataset and print COCO mAP (ARGS="key=value ..." to override)
+train: $(TRAIN_STAMP)  ## train on the embedded dataset and print COCO mAP (ARGS="key=value ..." to override)
 	$(PY) scripts/train.py $(ARGS)
 
 sweep-demo: $(STAMP)  ## 2x2 focal-loss sweep (gamma x alpha) on small embedded data (~15 min, 2 cores); prints the table

@@ -13,15 +13,16 @@ from retinanet.data.collate import Batch
 from retinanet.torchvision_weights import convert_torchvision_state_dict
 
 
-def preset(name: str) -> DictConfig:
+def preset(name: str, head_depth: int | None = 4) -> DictConfig:
     """``configs/model/<name>.yaml`` (with its anchors) with random initialisation (``weights: null``: nothing downloaded).
 
-    The subnets get torchvision's four conv layers (the CPU preset trains with two, which
-    ``RetinaNetHead`` cannot build): the comparison needs the same layers on both sides.
+    ``head_depth``: conv layers per subnet on both sides, 4 (torchvision's ``RetinaNetHead``; the CPU preset
+    trains with two) or None for the preset's own (torchvision's head cut to as many).
     """
     cfg = load_preset("model", name)
     cfg.net.weights = None
-    cfg.net.head_depth = 4
+    if head_depth is not None:
+        cfg.net.head_depth = head_depth
     return cfg
 
 
@@ -29,9 +30,10 @@ def config(group: str, name: str) -> DictConfig:
     return load_preset(group, name)
 
 
-def build_pair(name: str, num_classes: int, image_hw: tuple[int, int], seed: int = 0):
-    """``(ours, torchvision, anchors, architecture check)``; ours gets torchvision's weights."""
-    cfg = preset(name)
+def build_pair(name: str, num_classes: int, image_hw: tuple[int, int], seed: int = 0, head_depth: int | None = 4):
+    """``(ours, torchvision, anchors, architecture check)``; ours gets torchvision's weights (``head_depth``:
+    ``preset``)."""
+    cfg = preset(name, head_depth)
     torch.manual_seed(seed)
     anchors = instantiate(cfg.anchors)
     ours = instantiate(cfg.net, num_classes=num_classes, num_anchors=anchors.num_anchors_per_location)

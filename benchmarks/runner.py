@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from benchmarks import data as data_case
-from benchmarks import endtoend, flops, inference, loss, postprocess, train
+from benchmarks import demo_step, endtoend, flops, inference, loss, postprocess, train
 from benchmarks.memory import peak_memory
 from benchmarks.report import mib, row, seconds
 from benchmarks.timing import interleaved, round_ratio
@@ -27,6 +27,8 @@ SIZES = {
         "postprocess": {"height": 800, "width": 1216, "num_classes": 80, "images": 3},
         "train_r50": {"preset": R50, "batch": 2, "height": 256, "width": 256, "optim": "sgd"},
         "train_r18": {"preset": R18, "batch": 16, "height": 160, "width": 160, "optim": "adamw"},
+        # the demo's own step: make train's batch, training size (data/shapes.yaml) and classes
+        "train_demo": {"preset": R18, "batch": 8, "height": 128, "width": 128, "num_classes": 6},
         "inference_r50": {"preset": R50, "batch": 2, "height": 256, "width": 256},
         "inference_r18": {"preset": R18, "batch": 16, "height": 160, "width": 160},
         "endtoend": {"images": 64, "batch_size": 8},
@@ -46,6 +48,7 @@ SIZES = {
         "train_r50": {"preset": R18, "batch": 1, "height": 64, "width": 64, "optim": "sgd", "num_classes": 3,
                       "nchw": False},
         "train_r18": {"preset": R18, "batch": 2, "height": 64, "width": 64, "optim": "adamw", "num_classes": 3},
+        "train_demo": {"preset": R18, "batch": 2, "height": 64, "width": 64, "num_classes": 3},
         "inference_r50": {"preset": R18, "batch": 1, "height": 64, "width": 64, "num_classes": 3},
         "inference_r18": {"preset": R18, "batch": 2, "height": 64, "width": 64, "num_classes": 3},
         "endtoend": {"images": 4, "batch_size": 2},
@@ -165,6 +168,8 @@ def run(size: str, out_dir: Path, cases=CASES, memory: bool = True, data_root: P
                 rows.append(_time_row("3", what + ", channels_last: time", r, 0.9))
                 rows.append(_time_row("3", what + ", NCHW: time", r, None, ours="ours_nchw"))
                 rows.append(_memory_row("3", what, r, None))
+    if "train" in cases and device == "cpu":
+        rows += _demo_rows(results, sizes["train_demo"], reps["train"], warm)
     if "inference" in cases:
         for key, label in (("inference_r50", "R50 paper preset"), ("inference_r18", "CPU demo preset")):
             if key == "inference_r50" and not r50:
@@ -204,6 +209,23 @@ def run(size: str, out_dir: Path, cases=CASES, memory: bool = True, data_root: P
         m["gpu"] = torch.cuda.get_device_name(torch.device(device))
     m["seconds"] = time.perf_counter() - started
     return {"machine": m, "size": size, "results": results, "rows": [r for r in rows if r is not None]}
+
+
+def _demo_rows(results: dict, params: dict, repeats: int, warmup: int) -> list[dict]:
+    """Item 3, the demo's own train step: ours / torchvision's per precision (bf16 where native) and layout."""
+    log.info("3. train step of make train (CPU demo preset at its batch and size), fp32 / bf16, NCHW / channels_last")
+    state = demo_step.setup(**params)
+    r = results["train_demo"] = {"params": params, "agreement": demo_step.agreement(state),
+                                 "precisions": state.precisions}
+    times = r["times"] = interleaved(demo_step.contenders(state), repeats, warmup)
+    rows = []
+    for p in state.precisions:
+        for layout in demo_step.LAYOUTS:
+            ours, theirs = demo_step.key("ours", p, layout), demo_step.key("torchvision", p, layout)
+            rows.append(row("3", f"train step of make train ({params['batch']}x{params['height']}x{params['width']}, "
+                                 f"CPU demo preset as trained) {p} {layout}: time", seconds(times[ours]["median_s"]),
+                            seconds(times[theirs]["median_s"]), round_ratio(times, ours, theirs), "-", None))
+    return rows
 
 
 def _gflops(value: float) -> str:

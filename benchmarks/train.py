@@ -25,6 +25,7 @@ from benchmarks.flops import count_flops, scoped_criterion
 from benchmarks.models import build_pair, config, make_batch, targets_of
 from benchmarks.tv import to_float_list
 from retinanet.engine import TrainStep
+from retinanet.runtime import autocast
 
 
 @dataclass
@@ -51,7 +52,7 @@ def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad])
 
 
-def _ours_step(model, anchors, criterion, optim: str, batch, channels_last: bool,
+def ours_step(model, anchors, criterion, optim: str, batch, channels_last: bool,
                autocast_dtype: torch.dtype | None = None, device: torch.device | None = None):
     device = device or torch.device("cpu")
     model = model.to(device)
@@ -78,11 +79,8 @@ def setup(preset: str = "retinanet_r50", batch: int = 2, height: int = 320, widt
     data = make_batch(batch, height, width, num_classes, boxes_per_image, seed).to(device)
     criterion = scoped_criterion(instantiate(config("loss", "focal"), num_classes=num_classes)).to(device)
     pristine = copy.deepcopy(ours)
-    step_nchw = _ours_step(copy.deepcopy(ours), anchors, criterion, optim, data, False, None, device) if nchw else None
-    step_ours = _ours_step(ours, anchors, criterion, optim, data, True, None, device)
-    tv_images, tv_targets = to_float_list(data.images), targets_of(data)
-    tv_optimizer = _optimizer(optim, theirs)
-    theirs.train()
+    step_nchw = ours_step(copy.deepcopy(ours), anchors, criterion, optim, data, False, None, device) if nchw else None
+    step_ours = ours_step(ours, anchors, criterion, optim, data, True, None, device)
     compute_loss = theirs.compute_loss
 
     def scoped_loss(*args, **kwargs):
@@ -90,21 +88,35 @@ def setup(preset: str = "retinanet_r50", batch: int = 2, height: int = 320, widt
             return compute_loss(*args, **kwargs)
 
     theirs.compute_loss = scoped_loss
+    step_tv = tv_step(theirs, optim, data)
+    return State(step_ours, step_nchw, step_tv, arch, pristine, anchors, criterion, optim, data, device)
 
-    def step_tv():
-        losses = theirs(tv_images, tv_targets)
-        loss = sum(losses.values())
-        tv_optimizer.zero_grad(set_to_none=True)
+
+def tv_step(theirs, optim: str, batch, channels_last: bool = False, autocast_dtype: torch.dtype | None = None):
+    """A torchvision train step on ``batch``: ``model(images, targets)`` (under ``torch.autocast`` to
+    ``autocast_dtype``: its loss too, as autocast leaves it), backward, the optimizer of ``OPTIMIZERS``."""
+    device = batch.images.device
+    if channels_last:  # the weights' layout: convolutions of contiguous inputs then answer in channels_last
+        theirs = theirs.to(memory_format=torch.channels_last)
+    images, targets = to_float_list(batch.images), targets_of(batch)
+    optimizer = _optimizer(optim, theirs)
+    theirs.train()
+
+    def step():
+        with autocast(device, autocast_dtype):
+            losses = theirs(images, targets)
+            loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        tv_optimizer.step()
+        optimizer.step()
         return float(loss.detach())
 
-    return State(step_ours, step_nchw, step_tv, arch, pristine, anchors, criterion, optim, data, device)
+    return step
 
 
 def ours_step_of(s: State, autocast_dtype: torch.dtype | None = None, channels_last: bool = True):
     """Another of our train steps on a copy of the model as built: ``autocast_dtype`` (bf16: bf16-mixed)."""
-    return _ours_step(copy.deepcopy(s.model), s.anchors, s.criterion, s.optim, s.batch, channels_last,
+    return ours_step(copy.deepcopy(s.model), s.anchors, s.criterion, s.optim, s.batch, channels_last,
                       autocast_dtype, s.device)
 
 

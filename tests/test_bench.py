@@ -10,6 +10,7 @@ from benchmarks import loss, postprocess
 from benchmarks.memory import measure_here
 from benchmarks.report import COLUMNS
 from benchmarks.runner import SIZES
+from retinanet.runtime import native_bf16
 
 
 @pytest.fixture
@@ -58,13 +59,19 @@ def test_tiny_bench_writes_table_and_json_and_both_sides_agree(tmp_path, tiny_sh
     for key in ("inference_r50", "inference_r18"):
         assert res[key]["agreement"]["cls_logits_rel_diff"] < 1e-4  # same weights, same logits
     assert res["train_r18"]["agreement"]["loss_ours_finite"] and res["train_r18"]["agreement"]["loss_torchvision_finite"]
+    # item 3, the demo's own step: fp32, and bf16 where the CPU computes it natively; both layouts
+    demo = res["train_demo"]
+    assert demo["agreement"]["same"] and demo["agreement"]["all_losses_finite"]
+    assert demo["precisions"] == ["fp32"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
+    demo_rows = [r["what"] for r in saved["rows"] if "train step of make train" in r["what"]]
+    assert len(demo_rows) == 2 * len(demo["precisions"])
+    for p in demo["precisions"]:
+        assert sum(f" {p} NCHW" in w for w in demo_rows) == 1 and sum(f" {p} channels_last" in w for w in demo_rows) == 1
     assert res["endtoend"]["detections_written"] > 0 and res["endtoend"]["images"] == SIZES["tiny"]["endtoend"]["images"]
     assert res["data"]["images"] == SIZES["tiny"]["data"]["batches"] * SIZES["tiny"]["data"]["batch_size"]
     assert res["flops"]["train_step_flops"] > 0 and res["flops"]["conv_peak_flop_s"] > 0
 
     # item 6: the 3x3 conv peak in fp32 and bf16 (both layouts), achieved FLOP/s of both train steps in both
-    from retinanet.runtime import native_bf16
-
     peak = res["conv_peak"]
     assert peak["native_bf16"] == native_bf16(torch.device("cpu"))
     for p in ("fp32", "bf16"):
@@ -152,3 +159,23 @@ def test_split_groups_by_scope_and_by_name(one_thread):
     assert sum(shares.values()) == pytest.approx(1.0) and shares["data loading"] == 0
     assert shares["convolutions"] > 0.2 and shares["loss"] > 0 and shares["optimiser"] > 0
     assert shares["other"] < 0.5  # the backward of the loss and of the convolutions is attributed, not left over
+
+
+@pytest.mark.parametrize("head_depth,width", [(2, 32), (1, 64)])
+def test_torchvision_pair_takes_the_presets_subnet_depth_and_backbone_width(head_depth, width):
+    """The demo rows compare the preset as trained: torchvision's head cut to its depth, its ResNet as narrow."""
+    from benchmarks.tv import to_float_list, torchvision_retinanet
+    from retinanet.model import RetinaNet
+    from retinanet.torchvision_weights import convert_torchvision_state_dict
+
+    net = {"backbone": "resnet18", "backbone_width": width, "norm": "bn", "frozen_stages": 0, "fpn_channels": 64,
+           "head_width": 64, "head_depth": head_depth, "head_norm": "gn"}
+    torch.manual_seed(0)
+    theirs = torchvision_retinanet(net, 3, (64, 96)).eval()
+    ours = RetinaNet(num_classes=3, **net).eval()
+    ours.load_state_dict(convert_torchvision_state_dict(theirs.state_dict(), strict=True))
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        batched, _ = theirs.transform(to_float_list(images))
+        expected = theirs.head(list(theirs.backbone(batched.tensors).values()))["cls_logits"]
+        torch.testing.assert_close(ours(images).cls_logits, expected, rtol=1e-4, atol=1e-5)

@@ -70,6 +70,41 @@ def test_backbone_weights_errors_name_the_value(tmp_path):
         ResNetBackbone("resnet19")
 
 
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
+def test_narrow_backbone_has_torchvisions_layers_at_a_fraction_of_the_width(depth):
+    full = ResNetBackbone(depth, norm="bn", frozen_stages=0)
+    narrow = ResNetBackbone(depth, norm="bn", frozen_stages=0, width=32)
+    assert narrow.out_channels == tuple(c // 2 for c in full.out_channels)
+    shapes_full, shapes_narrow = ({k: v.shape for k, v in bb.state_dict().items()} for bb in (full, narrow))
+    assert shapes_narrow.keys() == shapes_full.keys()  # the same modules: torchvision's names
+    for key, shape in shapes_narrow.items():  # every channel count halved, the 3 input colours and kernels kept
+        expected = list(shapes_full[key])
+        for dim in range(min(2, len(expected))):
+            if not (dim == 1 and key == "conv1.weight"):
+                expected[dim] //= 2
+        assert list(shape) == expected, key
+    x = torch.rand(2, 3, 64, 96)
+    feats = narrow(x)
+    assert [f.shape for f in feats] == [(2, c, 64 // s, 96 // s) for c, s in zip(narrow.out_channels, (8, 16, 32))]
+    # from scratch every residual branch starts at zero (its last norm's scale), as in torchvision's ResNets
+    last_norms = [b.bn2 if depth == "resnet18" else b.bn3 for layer in (narrow.layer1, narrow.layer4) for b in layer]
+    assert all(float(n.weight.detach().abs().max()) == 0 for n in last_norms)
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in full.parameters()) / 3.5
+
+
+def test_narrow_backbone_in_the_detector_and_its_errors(tmp_path):
+    model = tiny(backbone_width=16).eval()
+    out = model(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+    assert out.cls_logits.shape == (1, 9 * sum(h * w for h, w in out.feature_shapes), 3)
+    assert model.fpn.lateral[0].in_channels == 32 and model.fpn.extra[0].in_channels == 128  # C3 and C5
+    with pytest.raises(ValueError, match="backbone_width=0"):
+        tiny(backbone_width=0)
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ValueError, match="backbone_width=32"):  # pretrained weights fit the width 64 only
+        ResNetBackbone("resnet18", weights=str(path), norm="bn", width=32)
+
+
 def test_p6_source_changes_extra_level_input():
     c5 = tiny(p6_from="c5")
     p5 = tiny(p6_from="p5")

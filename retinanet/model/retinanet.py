@@ -32,6 +32,7 @@ class RetinaNet(nn.Module):
     Images come in as uint8 ``[B, 3, H, W]`` (0-255) or float in [0, 1]; normalisation
     with the ImageNet mean/std happens inside, on the device.
 
+    ``backbone_width`` (64: torchvision's ResNets) narrows the backbone: ``retinanet.model.backbone.NarrowResNet``.
     ``bn_eps`` (None keeps torch's 1e-5) sets the epsilon of every backbone batch norm:
     torchvision's v1 COCO weights expect 0.0 (what its ``overwrite_eps`` does when loading them).
     """
@@ -39,7 +40,8 @@ class RetinaNet(nn.Module):
     def __init__(self, num_classes: int, num_anchors: int = 9, backbone: str = "resnet50",
                  weights: str | None = None, norm: str = "frozen_bn", frozen_stages: int = 2,
                  fpn_channels: int = 256, p6_from: str = "c5", head_width: int = 256, head_depth: int = 4,
-                 head_norm: str = "none", prior_prob: float = 0.01, bn_eps: float | None = None):
+                 head_norm: str = "none", prior_prob: float = 0.01, bn_eps: float | None = None,
+                 backbone_width: int = 64):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1")
@@ -49,7 +51,7 @@ class RetinaNet(nn.Module):
                 raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
         self.num_classes = num_classes
         self.prior_prob = float(prior_prob)
-        self.backbone = ResNetBackbone(backbone, weights, norm, frozen_stages)
+        self.backbone = ResNetBackbone(backbone, weights, norm, frozen_stages, width=backbone_width)
         if bn_eps is not None:
             if bn_eps < 0:
                 raise ValueError(f"bn_eps={bn_eps} must be >= 0")

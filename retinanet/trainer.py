@@ -193,7 +193,7 @@ def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device
                            grad_clip=t.grad_clip, ema=ema, channels_last=t.channels_last,
                            max_bad_steps=t.max_bad_steps, bad_batch_dir=out_dir)
     label_map = {"class_names": list(train_set.class_names), "category_ids": [int(c) for c in train_set.label_to_cat_id]}
-    detector = Detector.from_config(resolved, label_map, device, model=model)
+    detector = Detector.from_config(resolved, label_map, device, model=model, quiet=True, precision=str(t.precision))
     checkpointer = Checkpointer(
         out_dir, model, optimizer, scheduler, scaler, ema, config=resolved, label_map=label_map,
         sampler_key={"world_size": dist.world_size, "batch_size": t.batch_size, "accumulate": accumulate,

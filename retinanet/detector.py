@@ -1,8 +1,8 @@
 """``Detector``: the one way images become detections in this project.
 
 Model + anchors + post-processing + the evaluation resize + the label map (+ the memory layout the model was
-trained with, and the precision this device computes it best in: ``runtime.inference_dtype``). The trainer's validation, ``retinanet-evaluate``,
-``retinanet-infer``, the benchmarks and export all go through it:
+trained with, and the precision this device computes it best in: ``runtime.inference_dtype``). The trainer's
+validation, ``retinanet-evaluate``, ``retinanet-infer``, the benchmarks and export all go through it:
 
     detector = Detector.from_checkpoint("outputs/shapes/<date>/best.pt", device="cpu")
     result = detector.predict("photo.jpg")          # or a PIL image, an RGB array, or a list of them

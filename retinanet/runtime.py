@@ -122,7 +122,8 @@ def inference_dtype(precision, device: torch.device, trained="32", quiet: bool =
                               "slower than fp32). Use precision=32, or precision=bf16")
         return torch.float16
     if not native_bf16(device):
-        (log.debug if quiet else log.warning)("precision=bf16 on a %s without native bf16: emulated, slower than fp32", device.type)
+        say = log.debug if quiet else log.warning
+        say("precision=bf16 on a %s without native bf16: emulated, slower than fp32", device.type)
     return torch.bfloat16
 
 

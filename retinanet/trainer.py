@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retinanet import distributed, recipe
 from retinanet.budget import RunPlan, plan_run, train_seconds
-from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path
+from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path, resumed_recipe
 from retinanet.config import build, validate_train_config
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
@@ -139,7 +139,8 @@ def prepare(cfg: DictConfig, out_dir: Path, device: torch.device) -> dict:
     """The dataset generated if the preset generates one, ``recipe=auto`` applied, the config checked and written
     to ``out_dir/config.yaml``; returns the resolved config (what checkpoints keep)."""
     generate_data(cfg)
-    recipe.apply(cfg, device)  # recipe=auto: the `auto` values fitted to the training set
+    # recipe=auto: the `auto` values fitted to the training set; a resumed run keeps its checkpoint's choices
+    recipe.apply(cfg, device, resumed=resumed_recipe(cfg.trainer.resume, out_dir) if recipe.auto_keys(cfg) else None)
     validate_train_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if distributed.info().is_main:

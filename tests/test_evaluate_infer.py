@@ -25,8 +25,7 @@ from retinanet.detector import LabelMapError
 from retinanet.evaluation import STAT_LABELS, STAT_NAMES
 from retinanet.trainer import run as train
 
-from conftest import (ROOT, compose_cfg, compose_train, eval_overrides, load_script, tiny_train_overrides,
-                      unmatched_detections)
+from conftest import ROOT, compose_cfg, compose_train, eval_overrides, load_script, tiny_train_overrides, unmatched_detections
 
 BASE = ("batch_size=8",)
 LOW = {"score_thresh": 0.001}  # postprocess.score_thresh=0.001 on the command line

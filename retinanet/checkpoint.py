@@ -148,6 +148,21 @@ def resume_path(resume: str | None, out_dir: Path) -> Path | None:
     return path
 
 
+def resumed_recipe(resume: str | None, out_dir: Path) -> dict | None:
+    """``{"path", "recipe"}``: the checkpoint ``trainer.resume`` points to and its config's ``recipe`` section (the
+    choices ``recipe=auto`` made for that run, which a resume keeps); None for a fresh start. Read on rank 0, the
+    others get its answer."""
+    def read():
+        if str(resume) == "auto" and not (Path(out_dir) / "last.pt").is_file():
+            return None  # a fresh start (start_state says so)
+        path = resume_path(resume, Path(out_dir))
+        if path is None:
+            return None
+        return {"path": str(path), "recipe": (load_checkpoint(path).get("config") or {}).get("recipe")}
+
+    return distributed.broadcast_object(read() if distributed.info().is_main else None)
+
+
 def rng_state() -> dict:
     """Python, numpy and torch (CPU and CUDA) RNG states as plain containers (``weights_only`` loadable)."""
     version, words, gauss = random.getstate()

@@ -1,8 +1,8 @@
 """``Detector``: the one way images become detections in this project.
 
-Model + anchors + post-processing + the evaluation resize + the label map (+ the precision and memory
-layout the model was trained with). The trainer's validation, ``retinanet-evaluate``,
-``retinanet-infer``, the benchmarks and export all go through it:
+Model + anchors + post-processing + the evaluation resize + the label map (+ the memory layout the model was
+trained with, and the precision this device computes it best in: ``runtime.inference_dtype``). The trainer's
+validation, ``retinanet-evaluate``, ``retinanet-infer``, the benchmarks and export all go through it:
 
     detector = Detector.from_checkpoint("outputs/shapes/<date>/best.pt", device="cpu")
     result = detector.predict("photo.jpg")          # or a PIL image, an RGB array, or a list of them
@@ -32,7 +32,7 @@ from retinanet.data.collate import Batch, Collate
 from retinanet.data.image_io import load_rgb, to_rgb_array
 from retinanet.data.transforms import build_transforms
 from retinanet.errors import UserError
-from retinanet.runtime import autocast, precision_setup, resolve_device
+from retinanet.runtime import autocast, inference_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,13 @@ class Detector:
     @classmethod
     def from_config(cls, cfg, label_map: Mapping, device="cpu", model: torch.nn.Module | None = None,
                     min_size: int | None = None, max_size: int | None = None,
-                    postprocess: Mapping | None = None, quiet: bool = False) -> "Detector":
+                    postprocess: Mapping | None = None, quiet: bool = False, precision="auto") -> "Detector":
         """The detector a training config describes. ``model``: an existing network (the one being trained,
         or its EMA copy); None builds one from ``cfg.model.net`` without pretrained weights. ``postprocess``:
-        settings that replace the config's; ``min_size`` / ``max_size``: replace its evaluation resize."""
+        settings that replace the config's; ``min_size`` / ``max_size``: replace its evaluation resize.
+        ``precision``: ``auto`` (what this device computes best for the config's ``trainer.precision``, whatever
+        device trained it), ``32``, ``bf16`` or ``fp16`` (``runtime.inference_dtype``); ``quiet``: the choice is not
+        logged."""
         cfg = _plain(cfg)
         device = resolve_device(device)
         anchors = instantiate(cfg["model"]["anchors"])
@@ -82,7 +85,7 @@ class Detector:
             model = instantiate(net_cfg, num_classes=len(label_map["class_names"]),
                                 num_anchors=anchors.num_anchors_per_location)
         trainer = cfg.get("trainer", {})
-        dtype, _ = precision_setup(trainer.get("precision", "32"), device, quiet=True)
+        dtype = inference_dtype(precision, device, trainer.get("precision", "32"), quiet=quiet)
         channels_last = bool(trainer.get("channels_last", False))
         model.to(device)
         if channels_last:
@@ -99,13 +102,14 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", min_size: int | None = None, max_size: int | None = None,
-                        postprocess: Mapping | None = None, weights: str = "auto", ckpt: Mapping | None = None
-                        ) -> "Detector":
+                        postprocess: Mapping | None = None, weights: str = "auto", ckpt: Mapping | None = None,
+                        precision="auto") -> "Detector":
         """Rebuild the detector of checkpoint ``path`` (see the module docstring).
 
         ``weights``: ``auto`` (the EMA weights when the checkpoint has them: those scored and picked
         ``best.pt``), ``ema`` or ``model`` (the raw weights). ``ckpt``: the checkpoint already read from
-        ``path`` (``load_checkpoint``), not read again.
+        ``path`` (``load_checkpoint``), not read again. ``precision``: see ``from_config`` (``auto``: this device's
+        best for how the checkpoint was trained; a ``16-mixed`` checkpoint runs on a CPU too).
         """
         ckpt = load_checkpoint(path) if ckpt is None else ckpt
         for key in ("config", "label_map"):
@@ -114,7 +118,7 @@ class Detector:
                                       "retinanet-train)")
         state = checkpoint_weights(ckpt, weights, path)
         detector = cls.from_config(ckpt["config"], ckpt["label_map"], device, min_size=min_size, max_size=max_size,
-                                   postprocess=postprocess)
+                                   postprocess=postprocess, precision=precision)
         try:
             detector.model.load_state_dict(state)
         except RuntimeError as err:
@@ -169,17 +173,26 @@ class Detector:
         """Detections of one image or a list of them: file paths, PIL images or RGB uint8 arrays ``[H, W, 3]``
         (grey ``[H, W]`` is expanded). Returns per image ``{"boxes" [N, 4] xyxy in the image's pixels, "scores"
         [N], "labels" [N], "class_names" [N]}`` (tensors on the CPU, sorted by score); a single input gives a
-        single result."""
+        single result.
+
+        An image's detections do not depend on the others given with it: up to ``batch_size`` images of the same
+        padded size run together (no image is padded to a larger neighbour's size), and the post-processing treats
+        each image alone (docs/export_and_inference.md, "Batches")."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        transform, collate = self.transform(), Collate(self.size_divisible)
-        results = []
+        transform, collate, div = self.transform(), Collate(self.size_divisible), self.size_divisible
+        results = [None] * len(items)
         for start in range(0, len(items), batch_size):
             samples = [image_sample(transform, _as_rgb(item), i) for i, item in enumerate(items[start:start + batch_size])]
-            dets, _ = self.detect_batch(collate(samples))
-            for det in dets:
-                det["class_names"] = [self.class_names[k] for k in det["labels"].tolist()]
-                results.append(det)
+            groups = {}  # padded (H, W) -> samples of that size
+            for sample in samples:
+                h, w = sample["image"].shape[:2]
+                groups.setdefault((-(-h // div), -(-w // div)), []).append(sample)
+            for group in groups.values():
+                dets, _ = self.detect_batch(collate(group))
+                for sample, det in zip(group, dets):
+                    det["class_names"] = [self.class_names[k] for k in det["labels"].tolist()]
+                    results[start + sample["image_id"]] = det
         return results[0] if single else results
 
     # ------------------------------------------------------------------ datasets

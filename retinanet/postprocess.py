@@ -61,11 +61,11 @@ class PostProcessor:
     def _decoded(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
                  sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The top-k candidates of every level, decoded and clipped to ``sizes [B, 2]`` (h, w):
-        ``boxes [B, C, 4], scores [B, C], labels [B, C]``."""
+        ``boxes [B, C, 4], scores [B, C], labels [B, C], anchor_idx [B, C]``."""
         scores, anchor_idx, labels = self._candidates(cls_logits, num_anchors_per_level)  # [B, C] each
         deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # [B, C, 4]
         boxes = self.coder.decode(deltas.float(), anchors[anchor_idx])  # [B, C, 4]
-        return clip_boxes(boxes, sizes[:, None, :]), scores, labels  # sizes [B, 2] -> [B, 1, 2]
+        return clip_boxes(boxes, sizes[:, None, :]), scores, labels, anchor_idx  # sizes [B, 2] -> [B, 1, 2]
 
     @torch.no_grad()
     def __call__(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
@@ -74,23 +74,28 @@ class PostProcessor:
         resized / original size, or None to stay in resized coordinates.
 
         Returns per image ``dict(boxes [N, 4] float32 xyxy, scores [N] float32, labels [N] int64)``, sorted by score.
+
+        Each image's detections depend on its own outputs only, not on the batch it came in: NMS runs image by
+        image, and equal scores (common in bf16, whose logits take few values) are ordered by (anchor, class)
+        index, not by the sort's whim, in NMS and in the result.
         """
         batch, _, num_classes = cls_logits.shape
         device = cls_logits.device
         sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).reshape(batch, 2)
-        boxes, scores, labels = self._decoded(cls_logits, box_deltas, anchors, num_anchors_per_level, sizes)
-        img, cand = (scores > self.score_thresh).nonzero(as_tuple=True)  # [N] each
-        boxes, scores, labels = boxes[img, cand], scores[img, cand], labels[img, cand]
-        keep = batched_nms(boxes, scores, img * num_classes + labels, self.nms_thresh)  # by decreasing score
-
+        boxes, scores, labels, anchor_idx = self._decoded(cls_logits, box_deltas, anchors, num_anchors_per_level, sizes)
         if scales is not None:
             scales = torch.as_tensor(scales, dtype=torch.float32, device=device)
             scales = scales[:, None].expand(batch, 2) if scales.ndim == 1 else scales  # [B] -> [B, 2]
         results = []
         for b in range(batch):
-            k = keep[img[keep] == b][: self.detections_per_img]
-            det_boxes = boxes[k] if scales is None else to_original(boxes[k], sizes[b], scales[b])
-            results.append({"boxes": det_boxes, "scores": scores[k], "labels": labels[k]})
+            cand = (scores[b] > self.score_thresh).nonzero().squeeze(1)  # [N]
+            order = (anchor_idx[b, cand] * num_classes + labels[b, cand]).argsort()  # by (anchor, class) ...
+            order = order[scores[b, cand[order]].argsort(descending=True, stable=True)]  # ... within equal scores
+            cand = cand[order]
+            rank = torch.arange(len(cand), 0, -1, dtype=torch.float32, device=device)  # distinct: NMS keeps this order
+            k = cand[batched_nms(boxes[b, cand], rank, labels[b, cand], self.nms_thresh)[: self.detections_per_img]]
+            det_boxes = boxes[b, k] if scales is None else to_original(boxes[b, k], sizes[b], scales[b])
+            results.append({"boxes": det_boxes, "scores": scores[b, k], "labels": labels[b, k]})
         return results
 
     def padded(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, num_anchors_per_level: Sequence[int],
@@ -109,8 +114,8 @@ class PostProcessor:
         coordinates: an IoU within ~1e-5 of ``nms_thresh`` may then be decided the other way).
         """
         batch, _, num_classes = cls_logits.shape
-        boxes, scores, labels = self._decoded(cls_logits, box_deltas, anchors, num_anchors_per_level,
-                                              image_sizes.to(torch.float32))
+        boxes, scores, labels, _ = self._decoded(cls_logits, box_deltas, anchors, num_anchors_per_level,
+                                                 image_sizes.to(torch.float32))
         # candidate c of image b scores in row labels[b, c] only; -1 = not a box of that class or below threshold
         scored = torch.where(scores > self.score_thresh, scores, -1.0)  # [B, C]
         per_class = scores.new_full((batch, num_classes, scores.shape[1]), -1.0)

@@ -18,7 +18,10 @@ box sizes and aspect ratios, read from the annotations: nothing is decoded), the
   enough epochs to see about ``IMAGES_SEEN`` images.
 
 A value given on the command line is not ``auto`` and is never touched. The choices are logged as one
-block and kept in the config (``recipe.choices``), hence in ``config.yaml`` and every checkpoint.
+block and kept in the config (``recipe.choices``), hence in ``config.yaml`` and every checkpoint. A resumed run
+keeps its checkpoint's choices (``apply(..., resumed=)``): fitted again on another device (whose resize cap
+differs) or on other statistics, the resize and anchors would change under trained weights; a value given on the
+command line still wins.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from retinanet import distributed
 from retinanet.anchors import AnchorGenerator
 from retinanet.data.coco import CocoDetection
 from retinanet.data.statistics import best_anchor_iou, box_statistics
@@ -126,10 +130,11 @@ def pretrained(cfg: DictConfig) -> bool:
     return bool(cfg.model.get("init_from")) or bool(cfg.model.net.get("weights"))
 
 
-def resolve(cfg: DictConfig, train_set: CocoDetection, device: torch.device, only: set[str] | None = None
-            ) -> list[Choice]:
+def resolve(cfg: DictConfig, train_set: CocoDetection, device: torch.device, only: set[str] | None = None,
+            world_size: int | None = None) -> list[Choice]:
     """Replace every ``auto`` value of ``cfg`` (in place; ``only``: of these keys) and return the choices with
-    their reasons."""
+    their reasons. ``world_size``: the processes the batch is split over (None: this run's, ``distributed.info``);
+    the fine-tuning rate scales with the global batch."""
     keys = set(auto_keys(cfg)) & (only if only is not None else set(auto_keys(cfg)))
     if not keys:
         return []
@@ -166,9 +171,13 @@ def resolve(cfg: DictConfig, train_set: CocoDetection, device: torch.device, onl
         if "optim.lr" in keys:
             scale = ""
             if start == "pretrained" and cfg.optim.get("reference_batch_size") is None:
-                batch = cfg.trainer.batch_size * cfg.trainer.accumulate_grad_batches
+                processes = distributed.info().world_size if world_size is None else int(world_size)
+                per_step = cfg.trainer.batch_size * cfg.trainer.accumulate_grad_batches
+                batch = per_step * processes
                 lr = lr * batch / PRETRAINED_BATCH
-                scale = f" ({RATES[(name, start)][0]:g} per {PRETRAINED_BATCH} images, linear in the batch of {batch})"
+                scale = (f" ({RATES[(name, start)][0]:g} per {PRETRAINED_BATCH} images, linear in the global batch of "
+                         f"{batch}: {processes} process(es) x {cfg.trainer.batch_size} x "
+                         f"{cfg.trainer.accumulate_grad_batches} accumulated)")
             choose("optim.lr", float(f"{lr:.3g}"), f"{name} {what}{scale}")
         if "optim.weight_decay" in keys:
             choose("optim.weight_decay", wd, f"{name} {what}")
@@ -185,14 +194,40 @@ def resolve(cfg: DictConfig, train_set: CocoDetection, device: torch.device, onl
     return choices
 
 
-def apply(cfg: DictConfig, device: torch.device, only: set[str] | None = None) -> list[Choice]:
-    """``resolve`` on the training set of ``cfg.data`` (read once, without images) and log the choices."""
+def reuse(cfg: DictConfig, recorded, source: str) -> list[Choice]:
+    """Every ``auto`` value of ``cfg`` that a resumed run chose (``recorded``: its ``recipe.choices``) set to that
+    choice, in place, the reason saying so; the values left ``auto`` (not chosen then) are for ``resolve``."""
+    kept = []
+    for key in auto_keys(cfg):
+        if key in (recorded or {}):
+            value, reason = recorded[key]["value"], recorded[key]["reason"]
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, value, merge=False)
+            kept.append(Choice(key, value, f"kept from {source}, fitted then: {reason}"))
+    return kept
+
+
+def apply(cfg: DictConfig, device: torch.device, only: set[str] | None = None, resumed: dict | None = None
+          ) -> list[Choice]:
+    """``resolve`` on the training set of ``cfg.data`` (read once, without images) and log the choices.
+
+    ``resumed``: ``{"path": the checkpoint resumed, "recipe": its config's recipe}``: its ``choices`` are kept
+    (``reuse``), not fitted again on this device; only values it did not choose are fitted."""
     if not auto_keys(cfg):
         return []
-    train_set = CocoDetection(cfg.data.train_ann, cfg.data.train_images, on_error=cfg.data.get("on_error", "raise"))
-    choices = resolve(cfg, train_set, device, only)
-    log.info("%s", describe(choices))
-    return choices
+    recorded = dict((resumed or {}).get("recipe") or {})
+    kept = reuse(cfg, recorded.get("choices"), f"the resumed run ({resumed['path']})") if resumed else []
+    choices = []
+    if auto_keys(cfg):
+        train_set = CocoDetection(cfg.data.train_ann, cfg.data.train_images, on_error=cfg.data.get("on_error", "raise"))
+        choices = resolve(cfg, train_set, device, only)
+    if kept:
+        with open_dict(cfg):
+            cfg.recipe.choices = {c.key: {"value": c.value, "reason": c.reason} for c in kept + choices}
+            if not choices and recorded.get("statistics") is not None:
+                cfg.recipe.statistics = recorded["statistics"]
+    log.info("%s", describe(kept + choices))
+    return kept + choices
 
 
 def describe(choices: list[Choice]) -> str:

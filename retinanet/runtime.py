@@ -81,29 +81,50 @@ def chunk_elements(device: torch.device) -> int:
     return 2**18 if device.type == "cpu" else 2**25
 
 
-INFERENCE_PRECISIONS = ("auto", "32", "bf16", "fp16")
+INFERENCE_PRECISIONS = ("auto", "32", "bf16", "fp16", "bf16-mixed", "16-mixed")  # the trainer's names work too
 
 
-def inference_dtype(precision, device: torch.device, default: torch.dtype | None = None) -> torch.dtype | None:
-    """``precision=`` of inference -> the autocast dtype (None: fp32). ``auto``: ``default`` (the checkpoint's own
-    ``trainer.precision``, as resolved by ``precision_setup``). bf16 and fp16 only where the device computes them
-    natively (``native_bf16``; fp16: CUDA), else a ``ConfigError``: emulated, they would be slower than fp32."""
-    precision = str(precision)
+def inference_dtype(precision, device: torch.device, trained="32", quiet: bool = False) -> torch.dtype | None:
+    """``precision=`` of evaluation / inference -> the autocast dtype (None: fp32) on ``device``.
+
+    ``auto`` is chosen for this device, never copied from training: a checkpoint trained in fp32 (``trained="32"``)
+    runs in fp32; one trained in mixed precision (``16-mixed``, ``bf16-mixed``, ``auto``) runs in the reduced
+    precision this device computes natively: on a GPU the trained one where it computes it (``16-mixed`` -> fp16;
+    ``bf16-mixed`` -> bf16 on Ampere or newer, else fp32; ``auto`` -> bf16 where native, else fp32), on a CPU bf16
+    where it is native (AVX512-BF16 or AMX), else fp32 (emulated bf16 is slower than fp32; CPUs emulate fp16).
+    An explicit ``32``, ``bf16`` (``bf16-mixed``) or ``fp16`` (``16-mixed``) is what runs: bf16 where the device
+    emulates it with a warning (slower than fp32, the same numbers as native bf16 up to bf16 rounding), fp16 on
+    CUDA only (``ConfigError``). ``quiet``: the choice is logged at debug level, not info / warning."""
+    precision, trained = str(precision), str(trained)
     if precision not in INFERENCE_PRECISIONS:
         raise ConfigError(f"precision={precision!r} is not one of {list(INFERENCE_PRECISIONS)}")
+    if trained not in PRECISIONS:
+        raise ConfigError(f"the checkpoint's trainer.precision={trained!r} is not one of {list(PRECISIONS)}")
+    say = log.debug if quiet else log.info
     if precision == "auto":
-        return default
+        native = native_bf16(device)
+        if trained == "32":
+            precision, why = "32", "trained in fp32"
+        elif device.type == "cuda" and trained == "16-mixed":
+            precision, why = "fp16", "trained with 16-mixed, which this GPU computes"
+        elif native:
+            precision, why = "bf16", f"trained with {trained}; this {device.type} computes bf16 natively"
+        else:
+            precision, why = "32", (f"trained with {trained}; this {device.type} has no native bf16 (emulated, bf16 "
+                                    "is slower than fp32)")
+        say("precision=auto: inference in %s (%s)", precision, why)
+    precision = {"bf16-mixed": "bf16", "16-mixed": "fp16"}.get(precision, precision)
     if precision == "32":
         return None
-    if precision == "bf16" and not native_bf16(device):
-        what = "AVX512-BF16 or AMX" if device.type == "cpu" else "an Ampere or newer GPU"
-        raise ConfigError(f"precision=bf16: this {device.type} does not compute bf16 natively (that needs {what}); "
-                          "emulated it is slower than fp32. Use precision=32")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"precision=fp16 needs a CUDA device (device={device}: CPUs compute fp16 by emulation, slower "
-                          "than fp32). Use precision=32, or precision=bf16 on a CPU with native bf16")
-    dtype, _ = precision_setup("bf16-mixed" if precision == "bf16" else "16-mixed", device, quiet=True)
-    return dtype
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"precision=fp16 needs a CUDA device (device={device}: CPUs compute fp16 by emulation, "
+                              "slower than fp32). Use precision=32, or precision=bf16")
+        return torch.float16
+    if not native_bf16(device):
+        say = log.debug if quiet else log.warning
+        say("precision=bf16 on a %s without native bf16: emulated, slower than fp32", device.type)
+    return torch.bfloat16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retinanet import distributed, recipe
 from retinanet.budget import RunPlan, plan_run, train_seconds
-from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path
+from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path, resumed_recipe
 from retinanet.config import build, validate_train_config
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
@@ -139,7 +139,8 @@ def prepare(cfg: DictConfig, out_dir: Path, device: torch.device) -> dict:
     """The dataset generated if the preset generates one, ``recipe=auto`` applied, the config checked and written
     to ``out_dir/config.yaml``; returns the resolved config (what checkpoints keep)."""
     generate_data(cfg)
-    recipe.apply(cfg, device)  # recipe=auto: the `auto` values fitted to the training set
+    # recipe=auto: the `auto` values fitted to the training set; a resumed run keeps its checkpoint's choices
+    recipe.apply(cfg, device, resumed=resumed_recipe(cfg.trainer.resume, out_dir) if recipe.auto_keys(cfg) else None)
     validate_train_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if distributed.info().is_main:
@@ -193,7 +194,7 @@ def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device
                            grad_clip=t.grad_clip, ema=ema, channels_last=t.channels_last,
                            max_bad_steps=t.max_bad_steps, bad_batch_dir=out_dir)
     label_map = {"class_names": list(train_set.class_names), "category_ids": [int(c) for c in train_set.label_to_cat_id]}
-    detector = Detector.from_config(resolved, label_map, device, model=model)
+    detector = Detector.from_config(resolved, label_map, device, model=model, quiet=True, precision=str(t.precision))
     checkpointer = Checkpointer(
         out_dir, model, optimizer, scheduler, scaler, ema, config=resolved, label_map=label_map,
         sampler_key={"world_size": dist.world_size, "batch_size": t.batch_size, "accumulate": accumulate,

@@ -100,3 +100,45 @@ def micro_overrides(root: Path, epochs: int = 2) -> list[str]:
         # every augmentation on (the shapes preset keeps only the flip): resumes must replay all of them
         "data.augment.scale_range=[0.8,1.2]", "data.augment.translate=0.1", "data.augment.color_jitter=0.2",
     ]
+
+
+# Batch invariance (docs/export_and_inference.md, "Batches"): how far two runs' scores may differ, on the logit, as a
+# fraction of max(1, |logit|): float rounding in fp32; two bf16 steps (2^-7 each) in bf16.
+LOGIT_RTOL = {None: 1e-4, "bfloat16": 2**-6, "float16": 2**-9}
+
+
+def unmatched_detections(a: dict, b: dict, dtype=None, limit: int = 100, iou: float = 0.5) -> list[str]:
+    """The detections of ``a`` and ``b`` (``Detector.predict`` results: boxes, scores, labels) that have no partner in
+    the other, matched as sets: same label, score within ``LOGIT_RTOL[dtype]`` on the logit, box overlapping at IoU >=
+    ``iou`` (the NMS threshold: a pair of near-equal scores may keep either box) or within 0.5 px (clipped, empty
+    boxes). Detections within the tolerance of the lowest score kept by a run that returned ``limit`` (cut at
+    detections_per_img) may be in one and not the other. Returns one line per detection left without a partner."""
+    import math
+
+    from torchvision.ops import box_iou
+
+    rtol = LOGIT_RTOL[None if dtype is None else str(dtype).replace("torch.", "")]
+
+    def logit(p):
+        p = min(max(float(p), 1e-7), 1 - 1e-7)
+        return math.log(p / (1 - p))
+
+    floor = max([logit(r["scores"][-1]) for r in (a, b) if len(r["scores"]) >= limit], default=-math.inf)
+    lonely = []
+    for name, x, y in (("first", a, b), ("second", b, a)):
+        overlap = box_iou(x["boxes"].float(), y["boxes"].float())
+        close = (x["boxes"][:, None, :].float() - y["boxes"][None, :, :].float()).abs().amax(-1) <= 0.5
+        free = set(range(len(y["scores"])))
+        for i in range(len(x["scores"])):
+            s = logit(x["scores"][i])
+            tol = rtol * max(1.0, abs(s))
+            if s <= floor + tol:
+                continue  # at the cut: may be either side of it
+            fits = [j for j in free if int(y["labels"][j]) == int(x["labels"][i]) and abs(logit(y["scores"][j]) - s) <= tol
+                    and (overlap[i, j] >= iou or close[i, j])]
+            if fits:
+                free.remove(max(fits, key=lambda j: (bool(close[i, j]), float(overlap[i, j]))))
+            else:
+                lonely.append(f"{name} #{i}: label {int(x['labels'][i])} score {float(x['scores'][i]):.6g} "
+                              f"box {[round(v, 2) for v in x['boxes'][i].tolist()]}")
+    return lonely

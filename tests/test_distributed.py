@@ -199,3 +199,46 @@ def test_impossible_settings_are_clear_errors(micro, tmp_path):
         run(compose_train(micro_overrides(micro) + ["trainer.accumulate_grad_batches=8"]), tmp_path)
     with pytest.raises(ConfigError, match="trainer.sync_bn=true needs CUDA"):
         run(compose_train(micro_overrides(micro) + ["trainer.sync_bn=true"]), tmp_path)
+
+
+RESOLVE_UNDER_TORCHRUN = """
+import json, sys
+import torch
+from retinanet import config, distributed, recipe
+from retinanet.data import CocoDetection
+
+ann, images, out = sys.argv[1:4]
+distributed.init_from_env()
+cfg = config.compose_config(["experiment=own_data", f"data.train_ann={ann}", f"data.train_images={images}",
+                             f"data.val_ann={ann}", f"data.val_images={images}", "trainer.batch_size=2",
+                             "trainer.accumulate_grad_batches=2", "model.net.weights=ResNet18_Weights.IMAGENET1K_V1"])
+chosen = {c.key: c for c in recipe.resolve(cfg, CocoDetection(ann, images), torch.device("cpu"))}
+info = distributed.info()
+with open(f"{out}/rank{info.rank}.json", "w") as f:
+    json.dump({"world_size": info.world_size, "lr": chosen["optim.lr"].value, "why": chosen["optim.lr"].reason}, f)
+"""
+
+
+@pytest.mark.slow
+def test_the_recipe_rate_under_a_two_process_group_follows_the_global_batch(tmp_path):
+    """recipe.resolve in each process of a real 2-process gloo group (torchrun): AdamW's fine-tuning 1e-4 per 16
+    images, for 2 processes x 2 images x 2 accumulated = 8 images a step: 5e-5 (not 2.5e-5, the batch of one process)."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (320, 240)).save(tmp_path / "img" / "0.png")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "0.png", "width": 320, "height": 240}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40]}],
+                               "categories": [{"id": 1, "name": "a"}]}))
+    script = tmp_path / "resolve.py"
+    script.write_text(RESOLVE_UNDER_TORCHRUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), str(ann), str(tmp_path / "img"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["world_size"] == 2 and got["lr"] == pytest.approx(5e-5)
+        assert "linear in the global batch of 8: 2 process(es) x 2 x 2 accumulated" in got["why"]

@@ -1,5 +1,6 @@
 """scripts/infer.py on real inputs: a list of files, folders and globs; a video (written here frame by frame with
-cv2.VideoWriter) giving per-frame detections and a rendered mp4; ``precision=`` refused where it would be emulated."""
+cv2.VideoWriter) giving per-frame detections and a rendered mp4, the same as the image's one at a time in the
+precision this machine picks and in bf16; ``precision=`` chosen per device; ``predict`` batch-invariant."""
 
 import json
 import shutil
@@ -16,7 +17,7 @@ from retinanet.deploy.video import read_frames, video_info
 from retinanet.detector import Detector
 from retinanet.errors import ConfigError
 
-from conftest import compose_cfg, load_script
+from conftest import compose_cfg, load_script, unmatched_detections
 
 LOW = {"score_thresh": 0.001}
 
@@ -88,11 +89,13 @@ def clip(tiny_run, tmp_path_factory):
     return path
 
 
-def test_infer_on_a_video_writes_per_frame_detections_and_a_rendered_mp4(tiny_run, photos, clip, tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16-mixed"])  # what this machine picks; bf16 (emulated if need be)
+def test_infer_on_a_video_writes_per_frame_detections_and_a_rendered_mp4(tiny_run, photos, clip, tmp_path, precision):
     infer = load_script("infer")
     out = tmp_path / "out"
     cfg = compose_cfg("infer", [f"checkpoint={tiny_run.checkpoint}", f"input=[{clip},{photos / 'a' / '0.png'}]",
-                                f"output={out}", "progress=false", "batch_size=2", "render_score_thresh=0.001"])
+                                f"output={out}", "progress=false", "batch_size=2", "render_score_thresh=0.001",
+                                f"precision={precision}"])
     result = infer.run(cfg, out, LOW)
     (image,), (video,) = result["images"], result["videos"]
     common = clip.parent.parent  # the inputs' shared folder: names are relative to it
@@ -104,16 +107,19 @@ def test_infer_on_a_video_writes_per_frame_detections_and_a_rendered_mp4(tiny_ru
     assert [f["time"] for f in per_frame["frames"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert video["detections"] == sum(len(f["annotations"]) for f in per_frame["frames"]) > 0
 
-    # the detections of each frame are the Detector's on that decoded frame, in batches of 2 as infer ran them (the
-    # tiny run scores every anchor about 0.01-0.03: in batches of another size, near-ties may change places)
-    detector = Detector.from_checkpoint(tiny_run.checkpoint, "cpu", postprocess=LOW)
+    # the detections of each frame (infer ran them in batches of 2) are the Detector's on that decoded frame alone,
+    # as matched sets up to the precision's tolerance (the tiny run scores every anchor about 0.01-0.03: near-ties)
+    detector = Detector.from_checkpoint(tiny_run.checkpoint, "cpu", postprocess=LOW, precision=precision)
+    label = {c: k for k, c in enumerate(detector.category_ids)}
     frames = list(read_frames(clip))
-    for det, record in zip(detector.predict(frames, batch_size=2), per_frame["frames"]):
-        boxes = det["boxes"].double().numpy()
-        got = np.array([a["bbox"] for a in record["annotations"]])
-        assert len(got) == len(boxes)
-        np.testing.assert_allclose(got[:, :2], boxes[:, :2], atol=0.01)
-        assert [a["category_id"] for a in record["annotations"]] == [detector.category_ids[k] for k in det["labels"]]
+    for frame, record in zip(frames, per_frame["frames"]):
+        det = detector.predict(frame)
+        anns = record["annotations"]
+        got = {"boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4),
+               "scores": torch.tensor([a["score"] for a in anns]),
+               "labels": torch.tensor([label[a["category_id"]] for a in anns], dtype=torch.int64)}
+        assert len(anns) == len(det["scores"]) > 0
+        assert not unmatched_detections(got, det, detector.autocast_dtype)
     assert np.array_equal(frames[4], frames[0])  # the repeated picture: checked above like every frame
 
     rendered = out / video["rendered_file"]
@@ -133,7 +139,7 @@ def test_unreadable_video_is_reported_not_fatal(tiny_run, photos, tmp_path):
     assert result["unreadable_files"] == [str(broken)] and len(result["images"]) == 1 and result["videos"] == []
 
 
-def test_precision_runs_natively_or_is_refused(tiny_run, monkeypatch):
+def test_precision_is_chosen_per_device_or_as_given(tiny_run, monkeypatch, caplog):
     from retinanet import runtime
 
     assert load_detector(tiny_run.checkpoint, "cpu", precision=32).autocast_dtype is None
@@ -143,14 +149,33 @@ def test_precision_runs_natively_or_is_refused(tiny_run, monkeypatch):
         load_detector(tiny_run.checkpoint, "cpu", precision="fp8")
     with pytest.raises(ConfigError, match="precision=bf16: .*exported in fp32"):
         load_detector(tiny_run.checkpoint.with_suffix(".onnx"), "cpu", precision="bf16")
-    if runtime.native_bf16(torch.device("cpu")):
-        detector = load_detector(tiny_run.checkpoint, "cpu", postprocess=LOW, precision="bf16")
-        assert detector.autocast_dtype == torch.bfloat16
-        image = np.asarray(Image.open(next((tiny_run.root / "val").glob("*.png"))).convert("RGB"))
-        bf16 = detector.predict(image)
-        detector.autocast_dtype = None
-        fp32 = detector.predict(image)
-        assert len(bf16["scores"]) > 0 and abs(float(bf16["scores"][0]) - float(fp32["scores"][0])) < 0.01
-    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
-    with pytest.raises(ConfigError, match="precision=bf16: this cpu does not compute bf16 natively"):
-        load_detector(tiny_run.checkpoint, "cpu", precision="bf16")
+    detector = load_detector(tiny_run.checkpoint, "cpu", postprocess=LOW, precision="bf16")
+    assert detector.autocast_dtype == torch.bfloat16  # as asked, native or not
+    image = np.asarray(Image.open(next((tiny_run.root / "val").glob("*.png"))).convert("RGB"))
+    bf16 = detector.predict(image)
+    detector.autocast_dtype = None
+    fp32 = detector.predict(image)
+    assert len(bf16["scores"]) > 0 and abs(float(bf16["scores"][0]) - float(fp32["scores"][0])) < 0.01
+    for native, auto in ((True, torch.bfloat16), (False, None)):  # the tiny run trained with precision=auto
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+        assert load_detector(tiny_run.checkpoint, "cpu").autocast_dtype == auto
+    with caplog.at_level("WARNING"):
+        assert load_detector(tiny_run.checkpoint, "cpu", precision="bf16-mixed").autocast_dtype == torch.bfloat16
+    assert "precision=bf16 on a cpu without native bf16: emulated, slower than fp32" in caplog.text
+
+
+def test_predict_is_batch_invariant(tiny_run):
+    """An image's detections are the same alone, in a list of images of other sizes, in batches of any size, or
+    repeated: in fp32 and in bf16, matched as sets up to the precision's tolerance; in bf16, where the network's
+    outputs for an image do not change with the batch (native here), the very same tensors."""
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_run.root / "val").glob("*.png"))]
+    assert len({im.shape for im in images}) > 1  # sizes differ: a padded batch would change the borders
+    for precision in ("32", "bf16"):
+        detector = Detector.from_checkpoint(tiny_run.checkpoint, "cpu", postprocess=LOW, precision=precision)
+        alone = [detector.predict(image) for image in images]
+        assert all(len(det["scores"]) > 0 for det in alone)
+        for batch_size in (3, 8):
+            for one, det in zip(alone, detector.predict(images, batch_size=batch_size)):
+                assert not unmatched_detections(one, det, detector.autocast_dtype), (precision, batch_size)
+        for det in detector.predict([images[0]] * 3):
+            assert not unmatched_detections(alone[0], det, detector.autocast_dtype), precision

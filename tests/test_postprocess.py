@@ -89,3 +89,30 @@ def test_matches_torchvision_postprocess_detections():
         torch.testing.assert_close(got["scores"][order_got], exp["scores"][order_exp], rtol=0, atol=1e-4)
         torch.testing.assert_close(got["boxes"][order_got], exp["boxes"][order_exp], rtol=0, atol=1e-4)
         assert torch.equal(got["labels"][order_got], exp["labels"][order_exp])
+
+
+def test_an_image_gives_the_same_detections_in_any_batch_and_equal_scores_keep_index_order():
+    """bf16 logits take few values: many candidates score exactly the same. An image's detections are the same
+    tensors alone or beside another image (NMS runs per image), and equal scores come in (anchor, class) order, also
+    where NMS must pick one of two overlapping boxes of equal score (the lower index wins)."""
+    gen = AnchorGenerator(sizes=(8,), strides=(4,), scales=(1.0,), aspect_ratios=(1.0,), offset=0.5)
+    anchors = gen([(16, 16)], (64, 64))  # 256 boxes 8 x 8, 4 px apart: neighbours overlap at IoU 1/3, ...
+    rand = torch.Generator().manual_seed(0)
+    logits = (torch.randint(0, 4, (256, 3), generator=rand) * 0.5 - 1).bfloat16().float()  # 4 values only
+    other = torch.randn(256, 3, generator=rand) * 4
+    deltas = torch.zeros(256, 4)  # each box is its anchor: the index of a detection can be read from its box
+    post = PostProcessor(score_thresh=0.05, nms_thresh=0.3, detections_per_img=60)
+    alone = post(logits[None], deltas[None], anchors, [256], torch.tensor([[64, 64]]))[0]
+    for batch in ((logits, other), (other, logits, other)):
+        index = [i for i, x in enumerate(batch) if x is logits][0]
+        dets = post(torch.stack(batch), torch.stack([deltas] * len(batch)), anchors, [256],
+                    torch.tensor([[64, 64]] * len(batch)))
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(dets[index][key], alone[key])
+    assert len(alone["scores"]) == 60 and len(set(alone["scores"].tolist())) < 5  # cut among equal scores
+    # among equal scores, the (anchor, class) index increases; the boxes are those of the candidates so ordered
+    centers = ((alone["boxes"][:, :2] + alone["boxes"][:, 2:]) / 2 / 4 - 0.5).round().long()  # anchor cell (x, y)
+    keys = (centers[:, 1] * 16 + centers[:, 0]) * 3 + alone["labels"]
+    for s in set(alone["scores"].tolist()):
+        same = keys[alone["scores"] == s].tolist()
+        assert same == sorted(same)

@@ -165,3 +165,70 @@ def test_box_statistics_read_the_annotations(tmp_path):
     assert stats["boxes"] == 12 and stats["image_longer_side"] == 640
     assert stats["box_side_p5"] == pytest.approx(50) and stats["relative_side_p5"] == pytest.approx(50 / 640)
     assert np.isfinite(stats["boxes_per_image"])
+
+
+def test_a_resumed_run_keeps_its_resize_anchors_rate_and_length_on_another_device(tmp_path, caplog):
+    """Fitted on a CPU (resize capped at max_side_cpu), resumed on a GPU (max_side_gpu): the checkpoint's choices
+    are kept and the log says so; fitted afresh there they would differ. A value given on the command line wins."""
+    ann, img_dir = write_dataset(tmp_path, 8)  # 8 px boxes of 640 px images: the CPU's cap 512 binds, the GPU's not
+    first = compose_train(own_data(ann, img_dir))
+    recipe.apply(first, torch.device("cpu"))
+    resumed = {"path": "run/last.pt", "recipe": OmegaConf.to_container(first.recipe)}
+    keys = ("data.min_size", "data.max_size", "model.anchors.sizes", "optim.lr", "optim.weight_decay", "trainer.epochs")
+    ran = {k: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(first, k)}))["v"] for k in keys}
+
+    fresh = compose_train(own_data(ann, img_dir))
+    recipe.apply(fresh, torch.device("cuda"))
+    assert (fresh.data.max_size, first.data.max_size) == (640, 512)  # what a resume must not do
+    assert list(fresh.model.anchors.sizes) != ran["model.anchors.sizes"]
+
+    again = compose_train(own_data(ann, img_dir))
+    with caplog.at_level("INFO", logger="retinanet.recipe"):
+        chosen = recipe.apply(again, torch.device("cuda"), resumed=resumed)
+    for key in keys:
+        value = OmegaConf.select(again, key)
+        assert (list(value) if key == "model.anchors.sizes" else value) == ran[key], key
+    assert {c.key for c in chosen} == set(keys) and all("kept from the resumed run (run/last.pt)" in c.reason
+                                                        for c in chosen)
+    assert "data.max_size" in caplog.text and "kept from the resumed run (run/last.pt), fitted then: " in caplog.text
+    assert dict(again.recipe.choices)["data.max_size"]["value"] == 512  # recorded again in the new checkpoints
+    validate_train_config(again)
+
+    told = compose_train(own_data(ann, img_dir, "data.min_size=384", "data.max_size=384"))  # the user asks
+    recipe.apply(told, torch.device("cuda"), resumed=resumed)
+    assert (told.data.min_size, told.data.max_size) == (384, 384)
+    assert list(told.model.anchors.sizes) == ran["model.anchors.sizes"]
+
+
+def test_resume_through_the_trainer_keeps_the_checkpoints_choices(tmp_path):
+    """trainer.prepare on a run dir whose last.pt was fitted on a CPU, now on a (fake) GPU device: config.yaml keeps
+    the checkpoint's resize and anchors."""
+    from retinanet import trainer
+
+    ann, img_dir = write_dataset(tmp_path, 8)
+    first = compose_train(own_data(ann, img_dir))
+    recipe.apply(first, torch.device("cpu"))
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": {}, "config": OmegaConf.to_container(first, resolve=True)}, out / "last.pt")
+    cfg = compose_train(own_data(ann, img_dir, "trainer.resume=auto"))
+    resolved = trainer.prepare(cfg, out, torch.device("cuda"))
+    assert resolved["data"]["max_size"] == first.data.max_size == 512
+    assert resolved["model"]["anchors"]["sizes"] == list(first.model.anchors.sizes)
+    assert OmegaConf.load(out / "config.yaml").data.max_size == 512
+    fresh = trainer.prepare(compose_train(own_data(ann, img_dir)), tmp_path / "other", torch.device("cuda"))
+    assert fresh["data"]["max_size"] == 640  # without the checkpoint: the GPU's fit
+
+
+@pytest.mark.parametrize("world_size, batch, accumulate", [(1, 8, 1), (2, 8, 1), (8, 2, 1), (2, 4, 3)])
+def test_the_fine_tuning_rate_follows_the_global_batch(tmp_path, world_size, batch, accumulate):
+    """Linear scaling in the images of one optimiser step over all processes: 8 GPUs x 2 images get AdamW's 1e-4."""
+    ann, img_dir = write_dataset(tmp_path, 60)
+    cfg = compose_train(own_data(ann, img_dir, "model.net.weights=ResNet18_Weights.IMAGENET1K_V1",
+                                 f"trainer.batch_size={batch}", f"trainer.accumulate_grad_batches={accumulate}"))
+    chosen = {c.key: c for c in recipe.resolve(cfg, CocoDetection(ann, img_dir), torch.device("cpu"),
+                                               world_size=world_size)}
+    total = world_size * batch * accumulate
+    assert chosen["optim.lr"].value == pytest.approx(float(f"{1e-4 * total / 16:.3g}"))
+    assert (f"linear in the global batch of {total}: {world_size} process(es) x {batch} x {accumulate} accumulated"
+            in chosen["optim.lr"].reason)

@@ -34,7 +34,8 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
         raise ConfigError(f"split={cfg.split!r} must be train or val")
     validate_evaluation_config(cfg)
     post = postprocess if postprocess is not None else command_line_values(cfg, "postprocess")
-    detector = Detector.from_checkpoint(cfg.checkpoint, cfg.device, cfg.eval_min_size, cfg.eval_max_size, postprocess=post)
+    detector = Detector.from_checkpoint(cfg.checkpoint, cfg.device, cfg.eval_min_size, cfg.eval_max_size, postprocess=post,
+                                        precision=cfg.precision)
     if cfg.data.generate is not None:
         build(cfg.data.generate)
     dataset = build_dataset(cfg.data, cfg.split, train=False, resize=(detector.min_size, detector.max_size))

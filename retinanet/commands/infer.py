@@ -10,7 +10,8 @@ Writes <output>/detections.json (COCO style: "images" with file names relative t
 pixels and score; "videos" lists the videos) and, with render=true, <output>/rendered/<same relative path>
 with the detections above render_score_thresh drawn. Each video gets <output>/videos/<name>.json (detections per
 frame) and, with render=true, a rendered copy <output>/rendered/<name>.mp4. Non-image files in folders are
-skipped with a note. `precision=32|bf16|fp16` (auto: the checkpoint's own) where the device computes it natively.
+skipped with a note. `precision=auto|32|bf16|fp16` (auto: what this device computes best for how the checkpoint was
+trained: runtime.inference_dtype).
 See retinanet/deploy/infer.py.
 
 Examples:

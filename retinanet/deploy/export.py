@@ -292,7 +292,7 @@ def export_checkpoint(checkpoint, fmt: str, graph: str, path, min_size=None, max
 
     ckpt = load_checkpoint(checkpoint)
     detector = Detector.from_checkpoint(checkpoint, "cpu", min_size, max_size, postprocess=postprocess, weights=weights,
-                                        ckpt=ckpt)
+                                        ckpt=ckpt, precision="32")  # exported in fp32, checked against fp32
     used = "ema" if weights != "model" and ckpt.get("ema") else "model"
     return detector, export_detector(detector, fmt, graph, path, checkpoint=checkpoint, weights=used)
 

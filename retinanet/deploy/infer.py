@@ -28,7 +28,6 @@ from retinanet.errors import ConfigError
 from retinanet.evaluation import to_coco_results
 from retinanet.files import atomic_write_json
 from retinanet.report.visualize import draw_detections
-from retinanet.runtime import inference_dtype
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +47,7 @@ def load_detector(checkpoint, device="auto", min_size: int | None = None, max_si
     if suffix == ".pt2":
         raise ConfigError(f"checkpoint={checkpoint}: infer runs training checkpoints and ONNX exports (.onnx), not "
                           "torch.export programs (load those with torch.export.load)")
-    detector = Detector.from_checkpoint(checkpoint, device, min_size, max_size, postprocess=postprocess)
-    detector.autocast_dtype = inference_dtype(precision, detector.device, detector.autocast_dtype)
-    return detector
+    return Detector.from_checkpoint(checkpoint, device, min_size, max_size, postprocess=postprocess, precision=precision)
 
 
 def categories(detector) -> list[dict]:

@@ -53,9 +53,11 @@ def make_dataset(tmp_path, n=6, size=(48, 40), annotations=None, images=None, ba
 
 
 def data_cfg(ann, img_dir, on_error="raise"):
+    """A data config whose bad images are found when loaded (data.verify=false: tests/test_verify.py checks them
+    up front)."""
     return OmegaConf.create({
         "train_ann": str(ann), "train_images": str(img_dir), "val_ann": str(ann), "val_images": str(img_dir),
-        "min_size": 32, "max_size": 64, "on_error": on_error,
+        "min_size": 32, "max_size": 64, "on_error": on_error, "verify": False,
         "augment": {"hflip_prob": 0.5, "scale_range": [1.0, 1.0], "translate": 0.0, "color_jitter": 0.0,
                     "min_visibility": 0.3}})
 
@@ -206,7 +208,7 @@ def test_training_reports_an_unreadable_image_as_one_line_with_exit_code_2(tmp_p
                            f"data.train_ann={ann}", f"data.train_images={img_dir}", f"data.val_ann={ann}",
                            f"data.val_images={img_dir}", "data.min_size=32", "data.max_size=48", "trainer.epochs=1",
                            "trainer.time_limit=null", "trainer.batch_size=2", "trainer.num_workers=1",
-                           "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                           "trainer.progress=false", "data.verify=false", f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]

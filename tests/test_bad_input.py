@@ -283,3 +283,18 @@ def test_a_run_whose_boxes_the_loader_dropped_trains_evaluates_draws_and_saves(t
                        "model.net.head_width=16", "model.net.head_depth=1", "postprocess.score_thresh=0.0"]), out)
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     assert json.loads((out / "metrics.json").read_text())["final"]["images"] == 6
+
+
+def test_a_missing_val_file_counts_as_missed_like_an_undecodable_one(tmp_path):
+    ann, img_dir = make_dataset(tmp_path, bad={"a2.png"})
+    (img_dir / "a4.png").unlink()
+    ds = build_dataset(data_cfg(ann, img_dir, "skip"), "val", train=False)
+    assert len(ds) == 6 and 104 in ds.coco.imgs and ds.coco.getAnnIds(imgIds=[104])  # kept in the ground truth
+    batches = list(build_loader(ds, 2, False, 0, 32, 0, False))
+    read = [i for b in batches for i in b.image_ids.tolist()]
+    assert sorted(read) == [100, 101, 103, 105]  # both skipped when loaded
+    dets = ground_truth_as_detections(ds.coco, ds.cat_id_to_label, read)  # a perfect detector on what it saw
+    metrics = coco_evaluate(ds.coco, to_coco_results(dets, read, ds.label_to_cat_id), ds.image_ids)
+    assert metrics["stats"]["AR100"] == pytest.approx(4 / 6)  # both objects missed, neither forgotten
+    train = build_dataset(data_cfg(ann, img_dir, "skip"), "train", train=True)
+    assert len(train) == 5  # training leaves the missing file out

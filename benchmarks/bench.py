@@ -1,4 +1,4 @@
-"""Benchmark against torchvision's RetinaNet, side by side in one process: `make bench` (README "Performance").
+"""Benchmark against torchvision's RetinaNet, side by side in one process: `make bench` (docs/notes/benchmarks.md).
 
 Prints a Markdown table of ratios ours / torchvision (lower is better; items 4-7 are fractions) and
 writes everything measured to a JSON file.

@@ -20,7 +20,7 @@ COLUMNS = ("item", "what", "ours", "torchvision", "ratio", "target", "met")
 
 
 def markdown(rows: list[dict]) -> str:
-    """A Markdown table of ``rows`` (the README's "Performance" section shows one)."""
+    """A Markdown table of ``rows`` (docs/notes/benchmarks.md shows one)."""
     def cell(r, key):
         v = r[key]
         if key == "met":

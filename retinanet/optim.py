@@ -77,7 +77,7 @@ def adamw(model: nn.Module, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.9
 
     ``fused=True`` (default): torch's fused kernel, one pass over all parameters (CPU and CUDA). On the CPU demo
     preset it takes the optimiser step from 77-117 ms to 10-19 ms (6-8x) and the whole train step 7% faster
-    (``benchmarks/cpu_choices.py``, docs/performance.md); the same update as the per-parameter loop, to float
+    (``benchmarks/cpu_choices.py``, docs/notes/performance.md); the same update as the per-parameter loop, to float
     rounding. ``None``: torch's
     default (on CPU the per-parameter loop), ``False``: the loop or foreach, as torch chooses.
     """

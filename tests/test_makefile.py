@@ -36,9 +36,11 @@ def make(clone: Path, target: str) -> list[str]:
     """The calls ``make <target>`` made of Python, in order."""
     calls = clone / "calls.log"
     calls.unlink(missing_ok=True)
-    time.sleep(0.02)  # stamps and pyproject.toml must not share a timestamp
     subprocess.run(["make", "-s", target, f"PYTHON={clone / 'fake_python'}"], cwd=clone, check=True,
                    env={**os.environ, "CALLS": str(calls)}, capture_output=True)
+    # stamps and pyproject.toml must not share a timestamp (the kernel's file clock ticks every few ms), whether
+    # pyproject.toml is touched next or another make run follows
+    time.sleep(0.05)
     return calls.read_text().splitlines() if calls.exists() else []
 
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from retinanet import distributed, recipe
 from retinanet.budget import RunPlan, plan_run, train_seconds
 from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path
+from retinanet.cli import user_message
 from retinanet.config import build, validate_train_config
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
@@ -311,9 +312,9 @@ def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool, backend: s
 def evaluation_failed(err: Exception, epoch: int, saved: Path) -> Exception:
     """The error of an evaluation that failed after the weights were saved: what failed and how to evaluate them
     (a ``UserError`` when the cause is one, e.g. an image that cannot be read)."""
-    message = (f"the evaluation after epoch {epoch} failed: {type(err).__name__}: {err}; the trained weights are "
-               f"saved in {saved}: evaluate them with `retinanet-evaluate checkpoint={saved}` once the cause is "
-               "fixed (or continue training with trainer.resume=auto)")
+    message = (f"the evaluation after epoch {epoch} failed: {type(err).__name__}: {user_message(err)}; the trained "
+               f"weights are saved in {saved}: evaluate them with `retinanet-evaluate checkpoint={saved}` once the "
+               "cause is fixed")
     return EvaluationError(message) if isinstance(err, UserError) else RuntimeError(message)
 
 

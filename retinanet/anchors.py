@@ -40,7 +40,8 @@ class AnchorGenerator:
     ``strides`` (61 / 114 instead of 64 / 128 for P6 / P7 of an 800-pixel side), and
     ``sizes_per_level`` gives the anchor sizes of every level explicitly instead of
     ``size * scale`` (torchvision truncates them to integers: ``(32, 40, 50), (64, 80, 101), ...``).
-    With ``sizes_per_level`` set, ``sizes`` and ``scales`` are not used.
+    With ``sizes_per_level`` set, ``sizes`` and ``scales`` are not used. ``scale`` multiplies every anchor size
+    (of ``sizes`` or of ``sizes_per_level``): ``recipe=auto`` fits it to the boxes of a dataset.
     """
 
     def __init__(
@@ -54,10 +55,14 @@ class AnchorGenerator:
         strides_from_image: bool = False,
         sizes_per_level: Sequence[Sequence[float]] | None = None,
         cache_size: int = 16,
+        scale: float = 1.0,
     ):
+        if not float(scale) > 0:
+            raise ValueError(f"scale={scale!r} must be a positive number (the multiple of every anchor size)")
+        scale = float(scale)
         levels = None
         if sizes_per_level is not None:
-            levels = tuple(tuple(float(v) for v in level) for level in sizes_per_level)
+            levels = tuple(tuple(float(v) * scale for v in level) for level in sizes_per_level)
             if (not levels or len({len(level) for level in levels}) != 1 or not levels[0]
                     or any(v <= 0 for level in levels for v in level)):
                 raise ValueError(f"sizes_per_level={[list(level) for level in levels]} must hold one "
@@ -69,7 +74,7 @@ class AnchorGenerator:
                              ("aspect_ratios", aspect_ratios)):
             if len(values) == 0 or any(float(v) <= 0 for v in values):
                 raise ValueError(f"{name} must be a non-empty list of positive numbers, got {list(values)}")
-        self.sizes = tuple(float(s) for s in sizes)
+        self.sizes = tuple(float(s) * (scale if levels is None else 1.0) for s in sizes)
         self.strides = tuple(float(s) for s in strides)
         self.scales = tuple(float(s) for s in scales)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)

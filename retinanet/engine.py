@@ -207,12 +207,15 @@ class TrainStep:
         if loss_ok and grads_ok:
             if self.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, grad_norm)
+            stepped = True
             if self.scaler is not None:
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale  # the scaler lowers its scale when it skipped the step
             else:
                 self.optimizer.step()
-            if self.ema is not None:
+            if self.ema is not None and stepped:  # weights a skipped step left unchanged are no new average point
                 self.ema.update(distributed.unwrap(self.model))
             return float(grad_norm), False
         self._bad_step("gradients" if loss_ok else "loss", window, float(grad_norm), step, epoch, bad_steps)

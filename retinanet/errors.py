@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration value is missing or out of range."""
+
+
+class EvaluationError(UserError):
+    """An evaluation during training failed for a user-fixable reason; the trained weights were saved first."""

@@ -197,11 +197,10 @@ def evaluate(detector, loader, dataset, criterion=None, progress: bool = True, d
     check_backend(backend)
     t0 = time.perf_counter()
     detections, image_ids, losses = detector.detect(loader, progress, desc, criterion)
-    if distributed.info().enabled:
-        shards = distributed.gather_to_main((detections, image_ids))
-        detections, image_ids = merge_shards(shards) if shards is not None else ([], [])
-        world = distributed.info().world_size
-        losses = {k: float(distributed.all_reduce_sum(torch.tensor(v))) / world for k, v in losses.items()}
+    if distributed.info().enabled:  # one gather: a rank whose images were all skipped has no losses (no reduce)
+        shards = distributed.gather_to_main((detections, image_ids, losses))
+        detections, image_ids = merge_shards([s[:2] for s in shards]) if shards is not None else ([], [])
+        losses = mean_over_ranks([s[2] for s in shards]) if shards is not None else {}
     result = Evaluation(metrics={})
     if distributed.info().is_main:
         results = to_coco_results(detections, image_ids, category_ids or dataset.label_to_cat_id)
@@ -212,6 +211,12 @@ def evaluate(detector, loader, dataset, criterion=None, progress: bool = True, d
         result = Evaluation(metrics, detections, image_ids, precision)
     result.metrics = distributed.broadcast_object(result.metrics)
     return result
+
+
+def mean_over_ranks(losses: list[dict]) -> dict:
+    """Each loss term's mean over the ranks that measured it (a rank that could read none of its images has none)."""
+    keys = sorted({k for rank in losses for k in rank})
+    return {k: sum(rank[k] for rank in losses if k in rank) / sum(k in rank for rank in losses) for k in keys}
 
 
 def merge_shards(shards: list[tuple[list, list]]) -> tuple[list, list]:

@@ -6,12 +6,17 @@ box sizes and aspect ratios, read from the annotations: nothing is decoded), the
 
 - the training resize (``data.min_size`` / ``max_size``): the longer side that keeps the small boxes
   (5th percentile of sqrt(w*h)) at ``recipe.small_box_px`` pixels, between ``recipe.min_side`` and the
-  device's cap, never larger than the images;
-- the anchor sizes (``model.anchors.sizes``): the scale of the preset's sizes that gives the largest share
-  of boxes an anchor at IoU >= ``loss.matcher.fg_iou`` (at least ``recipe.coverage`` when possible, measured
-  on the padded, resized images as in training), the one closest to the preset on ties. The share is the
-  mean over the classes of each class's share: COCO AP averages over classes, so a rare class of small
-  objects counts as much as a common one of large objects;
+  device's cap, never larger than the images (not rounded: the collate pads). When one of the two is given,
+  it is kept and the other follows from it: ``max_size`` given, ``min_size = max_size`` (the longer side
+  sets the scale); ``min_size`` given, ``max_size`` large enough that the shorter side is ``min_size`` on
+  95% of the images (``resize_choices``);
+- the anchor scale (``model.anchors.scale``): the multiple of the preset's own anchor sizes (``sizes`` or
+  ``sizes_per_level``, whichever it uses) that gives the largest share of boxes an anchor at IoU >=
+  ``loss.matcher.fg_iou`` (at least ``recipe.coverage`` when possible, measured on the padded images resized
+  as training resizes them, aspect included), the one closest to 1 on ties. The share is the mean over the
+  classes of each class's share: COCO AP averages over classes, so a rare class of small objects counts as
+  much as a common one of large objects. A detector started from one of our checkpoints
+  (``model.init_from``) keeps the anchors its box head was trained on (``trained_anchors``);
 - the learning rate and weight decay (``optim.lr`` / ``optim.weight_decay``): from scratch or fine-tuning
   (an ImageNet backbone via ``model.net.weights`` or a whole detector via ``model.init_from``);
 - the run length (``trainer.epochs``): with ``trainer.time_limit``, as many steps as fit (null); without,
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,15 +42,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retinanet import distributed
 from retinanet.anchors import AnchorGenerator
+from retinanet.checkpoint import load_checkpoint
 from retinanet.data.coco import CocoDetection
 from retinanet.data.statistics import best_anchor_iou, box_statistics
-from retinanet.errors import ConfigError
+from retinanet.errors import ConfigError, UserError
 from retinanet.matcher import Matcher
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 SCALES = tuple(2 ** (k / 4) for k in range(-8, 5))  # anchor size multipliers tried: 0.25 .. 2, four a factor of 2
+SHORTER_SIDE_SHARE = 95  # min_size given alone: max_size lets the shorter side reach it on this % of the images
 IMAGES_SEEN = 20_000  # without a time limit: epochs to see about this many images (COCO's 12 epochs see 1.4M)
 EPOCHS_RANGE = (12, 300)
 # learning rate and weight decay by optimiser and start; fine-tuning rates are for a batch of 16 (linear scaling)
@@ -65,7 +73,7 @@ def is_auto(value) -> bool:
 
 
 # the keys recipe=auto can fill in (elsewhere `auto` has meanings of its own: device=auto, trainer.precision=auto)
-RECIPE_KEYS = ("data.min_size", "data.max_size", "model.anchors.sizes", "optim.lr", "optim.weight_decay",
+RECIPE_KEYS = ("data.min_size", "data.max_size", "model.anchors.scale", "optim.lr", "optim.weight_decay",
                "trainer.epochs")
 
 
@@ -76,6 +84,9 @@ def auto_keys(cfg: DictConfig) -> list[str]:
 
 def check_selected(cfg: DictConfig) -> None:
     """A value ``auto`` of ``RECIPE_KEYS`` needs recipe=auto (e.g. ``experiment=own_data recipe=none`` leaves some)."""
+    if is_auto(OmegaConf.select(cfg, "model.anchors.sizes", default=None)):
+        raise ConfigError("model.anchors.sizes=auto: recipe=auto fits model.anchors.scale (a multiple of the "
+                          "preset's sizes) instead; set model.anchors.scale=auto")
     left = auto_keys(cfg)
     if left and OmegaConf.select(cfg, "recipe.name", default=None) != "auto":
         raise ConfigError(f"{left[0]}=auto needs recipe=auto, which fits it to the training set: set {left[0]} on "
@@ -97,22 +108,42 @@ def choose_side(stats: dict, recipe: DictConfig, device: torch.device) -> tuple[
             side, why = recipe.min_side, why.replace("keeps", "already keeps") + f" at the minimum {recipe.min_side}"
         if side > cap:
             side, why = cap, f"capped for the {device.type} (small boxes then {rel * cap:.0f} px)"
-    side = int(min(side, native))  # never enlarge the images
+    side = int(min(side, native))  # never enlarge the images; no rounding: the collate pads
     if side == int(native):
         why += "; the images' own size"
-    return max(32, side // 32 * 32), why
+    return max(32, side), why
 
 
-def fit_anchor_sizes(dataset, anchors_cfg: DictConfig, matcher: Matcher, side: int, size_divisible: int,
-                     coverage: float, max_images: int) -> tuple[list[float], dict, str]:
-    """The multiple of the preset's anchor sizes that covers the boxes best (see the module docstring)."""
-    base = [float(s) for s in anchors_cfg.sizes] if not is_auto(anchors_cfg.sizes) else [32.0, 64, 128, 256, 512]
+def resize_choices(cfg: DictConfig, stats: dict, recipe: DictConfig, device: torch.device,
+                   keys: set[str]) -> list[tuple[str, int, str]]:
+    """``(key, value, reason)`` for the ``auto`` ones of ``data.min_size`` / ``max_size``: a value given is kept
+    and the other follows from it (see the module docstring)."""
+    if keys >= {"data.min_size", "data.max_size"}:
+        side, why = choose_side(stats, recipe, device)
+        return [("data.max_size", side, f"longer side {side}: {why}"),
+                ("data.min_size", side, "= max_size: the longer side sets the scale")]
+    if "data.min_size" in keys:
+        return [("data.min_size", int(cfg.data.max_size), "= the given data.max_size: the longer side sets the scale")]
+    given = cfg.data.min_size
+    shorter = max(int(v) for v in given) if isinstance(given, (list, tuple)) or OmegaConf.is_list(given) \
+        else int(given)
+    aspect = stats["image_aspect_p95"] if math.isfinite(stats["image_aspect_p95"]) else 1.0
+    longer = int(math.ceil(shorter * aspect))
+    return [("data.max_size", longer, f"the given data.min_size {shorter} x {aspect:.3g} (the longer / shorter "
+                                      f"side of {SHORTER_SIDE_SHARE}% of the images): that shorter side is kept")]
+
+
+def fit_anchor_scale(dataset, anchors_cfg: DictConfig, matcher: Matcher, min_size, max_size, size_divisible: int,
+                     coverage: float, max_images: int) -> tuple[float, dict, str]:
+    """The multiple of the preset's anchor sizes that covers the boxes best at the training resize ``min_size`` /
+    ``max_size`` (see the module docstring): (scale, coverage per scale tried, why)."""
     params = {k: v for k, v in OmegaConf.to_container(anchors_cfg, resolve=True).items()
-              if k not in ("_target_", "sizes")}
+              if k not in ("_target_", "scale")}
     results, worst = {}, {}
     for m in SCALES:
-        gen = AnchorGenerator(sizes=[s * m for s in base], **params)
-        iou, labels = best_anchor_iou(dataset, gen, side, side, size_divisible, max_images, with_labels=True)
+        gen = AnchorGenerator(**params, scale=m)
+        iou, labels = best_anchor_iou(dataset, gen, min_size, max_size, size_divisible, max_images,
+                                      with_labels=True)
         per_class = [float((iou[labels == k] >= matcher.fg_iou).mean()) for k in np.unique(labels)]
         results[m] = float(np.mean(per_class)) if per_class else 0.0
         worst[m] = min(per_class) if per_class else 0.0
@@ -120,10 +151,36 @@ def fit_anchor_sizes(dataset, anchors_cfg: DictConfig, matcher: Matcher, side: i
     target = coverage if best >= coverage else best - 0.005
     good = [m for m, c in results.items() if c >= target]
     m = min(good, key=lambda s: (abs(math.log(s)), -s))
-    sizes = [round(s * m, 1) for s in base]
-    why = (f"{results[m]:.1%} of each class's boxes have an anchor at IoU >= {matcher.fg_iou} (class mean; "
-           f"worst class {worst[m]:.1%}; {results[1.0]:.1%} with the preset's {base[0]:g}-{base[-1]:g})")
-    return sizes, {f"{k:.3g}": round(v, 4) for k, v in results.items()}, why
+    preset = anchor_range(AnchorGenerator(**params))
+    why = (f"anchors {anchor_range(AnchorGenerator(**params, scale=m))} px: {results[m]:.1%} of each class's boxes "
+           f"have an anchor at IoU >= {matcher.fg_iou} (class mean; worst class {worst[m]:.1%}; {results[1.0]:.1%} "
+           f"with the preset's own {preset})")
+    return round(m, 4), {f"{k:.3g}": round(v, 4) for k, v in results.items()}, why
+
+
+def anchor_range(gen: AnchorGenerator) -> str:
+    """``32-812``: the smallest and largest anchor side (sqrt of its area) of a generator."""
+    sides = [v for level in gen.sizes_per_level for v in level]
+    return f"{min(sides):.4g}-{max(sides):.4g}"
+
+
+def trained_anchors(cfg: DictConfig) -> tuple[dict | None, str] | None:
+    """When ``model.init_from`` is a trained detector: (the anchors config its box head was trained on, or None
+    for the preset's own, why); None otherwise. Rescaling them would move every box the head predicts."""
+    source = cfg.model.get("init_from")
+    if not source:
+        return None
+    if os.path.isfile(str(source)):
+        try:
+            ckpt = load_checkpoint(source)
+        except UserError:  # not one of ours (a torchvision .pth): model.init_from reports what it loads
+            ckpt = {}
+        anchors = (ckpt.get("config") or {}).get("model", {}).get("anchors") if isinstance(ckpt, dict) else None
+        if anchors:
+            return dict(anchors), (f"kept from model.init_from={source}: its box head was trained on these anchors "
+                                   "(rescaling them would move every box it predicts)")
+    return None, (f"the preset's own: model.init_from={source} is a trained detector whose box head was trained "
+                  "on its anchors (rescaling them would move every box it predicts)")
 
 
 def pretrained(cfg: DictConfig) -> bool:
@@ -148,19 +205,24 @@ def resolve(cfg: DictConfig, train_set: CocoDetection, device: torch.device, onl
             OmegaConf.update(cfg, key, value, merge=False)
         choices.append(Choice(key, value, reason))
 
-    side = None
     if keys & {"data.min_size", "data.max_size"}:
-        side, why = choose_side(stats, recipe, device)
-        if "data.max_size" in keys:
-            choose("data.max_size", side, f"longer side {side}: {why}")
-        if "data.min_size" in keys:
-            choose("data.min_size", side, "= max_size: the longer side sets the scale")
-    if "model.anchors.sizes" in keys:
-        side = side or int(cfg.data.max_size)
-        matcher = Matcher(fg_iou=cfg.loss.matcher.fg_iou, bg_iou=cfg.loss.matcher.bg_iou)
-        sizes, _, why = fit_anchor_sizes(train_set, cfg.model.anchors, matcher, side, int(cfg.data.size_divisible),
-                                         float(recipe.coverage), recipe.max_images)
-        choose("model.anchors.sizes", sizes, why)
+        for key, value, why in resize_choices(cfg, stats, recipe, device, keys):
+            choose(key, value, why)
+    if "model.anchors.scale" in keys:
+        trained = trained_anchors(cfg)
+        if trained is not None:
+            anchors, why = trained
+            if anchors is not None:
+                with open_dict(cfg):
+                    cfg.model.anchors = anchors
+            value = OmegaConf.select(cfg, "model.anchors.scale", default=1.0)
+            choose("model.anchors.scale", 1.0 if is_auto(value) or value is None else value, why)
+        else:
+            matcher = Matcher(fg_iou=cfg.loss.matcher.fg_iou, bg_iou=cfg.loss.matcher.bg_iou)
+            scale, _, why = fit_anchor_scale(train_set, cfg.model.anchors, matcher, cfg.data.min_size,
+                                             cfg.data.max_size, int(cfg.data.size_divisible),
+                                             float(recipe.coverage), recipe.max_images)
+            choose("model.anchors.scale", scale, why)
     start = "pretrained" if pretrained(cfg) else "scratch"
     name = str(cfg.optim.get("_target_", "")).rsplit(".", 1)[-1]
     if keys & {"optim.lr", "optim.weight_decay"}:

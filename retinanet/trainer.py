@@ -31,12 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from retinanet import distributed, recipe
 from retinanet.budget import RunPlan, plan_run, train_seconds
 from retinanet.checkpoint import Checkpointer, TrainState, keep_epoch_copy, resume_path, resumed_recipe
+from retinanet.cli import user_message
 from retinanet.config import build, validate_train_config
 from retinanet.data.build import build_dataset, build_loader
 from retinanet.detector import Detector
 from retinanet.ema import ModelEma
 from retinanet.engine import EpochEnd, EpochProgress, TrainStep, train_one_epoch
-from retinanet.errors import ConfigError
+from retinanet.errors import ConfigError, EvaluationError, UserError
 from retinanet.evaluation import evaluate, format_metrics, judged_metrics
 from retinanet.files import atomic_write_json, remove_stale_temps
 from retinanet.model.init import init_from
@@ -206,8 +207,9 @@ def compose(cfg: DictConfig, resolved: dict, out_dir: Path, device: torch.device
 def build_data(cfg: DictConfig, device: torch.device) -> tuple:
     """The train and val datasets and this rank's loaders of them."""
     dist, t = distributed.info(), cfg.trainer
-    train_set = build_dataset(cfg.data, "train", train=True)
-    val_set = build_dataset(cfg.data, "val", train=False)
+    progress = t.progress and dist.is_main  # data.verify's progress bars
+    train_set = build_dataset(cfg.data, "train", train=True, progress=progress)
+    val_set = build_dataset(cfg.data, "val", train=False, progress=progress)
     if train_set.label_to_cat_id != val_set.label_to_cat_id:
         raise ConfigError(f"train and val categories differ: {train_set.ann_file} has {train_set.label_to_cat_id}, "
                           f"{val_set.ann_file} has {val_set.label_to_cat_id}")
@@ -276,7 +278,11 @@ def run_epoch(cfg: DictConfig, state: TrainState, parts: Parts, plan: RunPlan, s
              m.get("loss_box", float("nan")), m["images_per_s"], state.step, plan.total)
     entry = {"epoch": epoch, "step": state.step, "train": m, "bad_steps": state.bad_steps}
     if last or (t.eval_every and epoch % t.eval_every == 0):
-        evaluate_epoch(entry, parts, writer, t.progress, cfg.evaluation.backend)
+        try:
+            evaluate_epoch(entry, parts, writer, t.progress, cfg.evaluation.backend)
+        except Exception as err:  # the training is kept: saved without this evaluation, then the error
+            end_epoch(state, entry, parts.checkpointer, t.keep_last)
+            raise evaluation_failed(err, epoch, parts.checkpointer.last) from err
     end_epoch(state, entry, parts.checkpointer, t.keep_last)
     if distributed.any_rank(stop.requested()):
         log.warning("stopped by a signal after epoch %d: saved %s", epoch, parts.checkpointer.last)
@@ -302,6 +308,15 @@ def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool, backend: s
         stats = result.metrics["stats"]
         log.info("epoch %d: %s AP %s AP50 %s", entry["epoch"], "val" if key == "val" else "val (EMA weights)",
                  _fmt(stats["AP"]), _fmt(stats["AP50"]))
+
+
+def evaluation_failed(err: Exception, epoch: int, saved: Path) -> Exception:
+    """The error of an evaluation that failed after the weights were saved: what failed and how to evaluate them
+    (a ``UserError`` when the cause is one, e.g. an image that cannot be read)."""
+    message = (f"the evaluation after epoch {epoch} failed: {type(err).__name__}: {user_message(err)}; the trained "
+               f"weights are saved in {saved}: evaluate them with `retinanet-evaluate checkpoint={saved}` once the "
+               "cause is fixed")
+    return EvaluationError(message) if isinstance(err, UserError) else RuntimeError(message)
 
 
 def _fmt(value) -> str:

@@ -107,6 +107,22 @@ def test_fp16_with_grad_scaler_skips_overflowing_steps_without_counting_them_bad
     assert not all(torch.equal(states[4][k], states[3][k]) for k in states[3])
 
 
+def test_the_ema_is_not_updated_by_a_step_the_grad_scaler_skipped(micro, one_thread):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    model, pieces, _, _ = epoch_pieces(micro, torch.float16, scaler)
+    pieces[0].ema = ema = ModelEma(model, 0.5)
+    calls, averages = [0], []
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    weight = next(p for p in model.box_head.parameters())
+    weight.register_hook(lambda g: g * float("inf") if calls[0] == 2 else g)  # an fp16 overflow at step 2
+    ema_weight = next(p for p in ema.module.box_head.parameters())
+    model.register_forward_pre_hook(lambda module, args: averages.append(ema_weight.detach().clone()))
+    state, _ = epoch(*pieces)
+    assert state.step == 4 and scaler.get_scale() == 2.0**13  # step 2 skipped by the scaler
+    assert ema.updates == 3  # steps 1, 3 and 4
+    assert torch.equal(averages[2], averages[1])  # the average before step 3 is the one after step 1
+
+
 def test_precision_settings(caplog):
     with caplog.at_level(logging.INFO):
         assert precision_setup("bf16-mixed", torch.device("cpu")) == (torch.bfloat16, None)

@@ -53,9 +53,11 @@ def make_dataset(tmp_path, n=6, size=(48, 40), annotations=None, images=None, ba
 
 
 def data_cfg(ann, img_dir, on_error="raise"):
+    """A data config whose bad images are found when loaded (data.verify=false: tests/test_verify.py checks them
+    up front)."""
     return OmegaConf.create({
         "train_ann": str(ann), "train_images": str(img_dir), "val_ann": str(ann), "val_images": str(img_dir),
-        "min_size": 32, "max_size": 64, "on_error": on_error,
+        "min_size": 32, "max_size": 64, "on_error": on_error, "verify": False,
         "augment": {"hflip_prob": 0.5, "scale_range": [1.0, 1.0], "translate": 0.0, "color_jitter": 0.0,
                     "min_visibility": 0.3}})
 
@@ -206,7 +208,7 @@ def test_training_reports_an_unreadable_image_as_one_line_with_exit_code_2(tmp_p
                            f"data.train_ann={ann}", f"data.train_images={img_dir}", f"data.val_ann={ann}",
                            f"data.val_images={img_dir}", "data.min_size=32", "data.max_size=48", "trainer.epochs=1",
                            "trainer.time_limit=null", "trainer.batch_size=2", "trainer.num_workers=1",
-                           "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                           "trainer.progress=false", "data.verify=false", f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-3000:]
@@ -281,3 +283,18 @@ def test_a_run_whose_boxes_the_loader_dropped_trains_evaluates_draws_and_saves(t
                        "model.net.head_width=16", "model.net.head_depth=1", "postprocess.score_thresh=0.0"]), out)
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     assert json.loads((out / "metrics.json").read_text())["final"]["images"] == 6
+
+
+def test_a_missing_val_file_counts_as_missed_like_an_undecodable_one(tmp_path):
+    ann, img_dir = make_dataset(tmp_path, bad={"a2.png"})
+    (img_dir / "a4.png").unlink()
+    ds = build_dataset(data_cfg(ann, img_dir, "skip"), "val", train=False)
+    assert len(ds) == 6 and 104 in ds.coco.imgs and ds.coco.getAnnIds(imgIds=[104])  # kept in the ground truth
+    batches = list(build_loader(ds, 2, False, 0, 32, 0, False))
+    read = [i for b in batches for i in b.image_ids.tolist()]
+    assert sorted(read) == [100, 101, 103, 105]  # both skipped when loaded
+    dets = ground_truth_as_detections(ds.coco, ds.cat_id_to_label, read)  # a perfect detector on what it saw
+    metrics = coco_evaluate(ds.coco, to_coco_results(dets, read, ds.label_to_cat_id), ds.image_ids)
+    assert metrics["stats"]["AR100"] == pytest.approx(4 / 6)  # both objects missed, neither forgotten
+    train = build_dataset(data_cfg(ann, img_dir, "skip"), "train", train=True)
+    assert len(train) == 5  # training leaves the missing file out

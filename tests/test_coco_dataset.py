@@ -267,6 +267,39 @@ def test_unreadable_images_raise_clear_errors(tmp_path):
         Image.fromarray(noise).save(tmp_path / name)
         data = (tmp_path / name).read_bytes()
         (tmp_path / name).write_bytes(data[: len(data) // 2])
-        with pytest.raises(ImageReadError, match=f"cannot read image .*{name}"):
-            load_rgb(tmp_path / name)
+    with pytest.raises(ImageReadError, match="cannot read image .*t.png"):
+        load_rgb(tmp_path / "t.png")
+    assert load_rgb(tmp_path / "t.jpg").shape == (64, 64, 3)  # a truncated JPEG: what it holds (test_verify.py)
     assert issubclass(ImageReadError, ValueError) and issubclass(DatasetError, ValueError)
+
+
+def square_exif_jpeg(path, orientation, side=30):
+    """A square JPEG: left half red, right half blue, with an EXIF orientation tag."""
+    arr = np.zeros((side, side, 3), np.uint8)
+    arr[:, : side // 2] = (255, 0, 0)
+    arr[:, side // 2:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, quality=95, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("convention", ["stored", "upright", None])
+def test_square_images_follow_the_exif_convention_the_other_images_show(tmp_path, caplog, convention):
+    """Suspect of issue 22: a square image's size cannot tell whether its annotations follow its EXIF rotation;
+    the dataset's non-square rotated images can (checked when the dataset is built)."""
+    images = [{"id": 1, "file_name": "square.jpg", "width": 30, "height": 30}]
+    if convention is not None:
+        w, h = (40, 20) if convention == "stored" else (20, 40)
+        images += [{"id": 2 + k, "file_name": f"wide{k}.jpg", "width": w, "height": h} for k in range(2)]
+    ann, img_dir = write_dataset(tmp_path, images=images, annotations=[], make_files=False)
+    square_exif_jpeg(img_dir / "square.jpg", 6)  # 6: displayed rotated 90 degrees clockwise (stored left -> top)
+    for k in range(len(images) - 1):
+        exif_jpeg(img_dir / f"wide{k}.jpg", 6)
+    with caplog.at_level(logging.INFO, logger="retinanet.data.coco"):
+        ds = CocoDetection(ann, img_dir, verify=True, progress=False)
+    image = ds[0]["image"].astype(int)
+    left_red = image[15, 3, 0] > 200 and image[15, 3, 2] < 50  # as stored
+    top_red = image[3, 15, 0] > 200 and image[27, 15, 2] > 200  # as displayed
+    assert (left_red, top_red) == ((True, False) if convention == "stored" else (False, True))
+    if convention is None:
+        assert "no other image shows whether the annotations follow it" in caplog.text

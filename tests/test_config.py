@@ -114,7 +114,7 @@ def test_experiment_own_data_is_data_custom_with_recipe_auto_and_the_papers_matc
     cfg = compose_train(["experiment=own_data", *OWN])
     demo = compose_train()
     assert (cfg.data.name, cfg.recipe.name, cfg.model.name) == ("custom", "auto", "retinanet_r18_cpu")
-    autos = ["data.min_size", "data.max_size", "model.anchors.sizes", "optim.lr", "optim.weight_decay",
+    autos = ["data.min_size", "data.max_size", "model.anchors.scale", "optim.lr", "optim.weight_decay",
              "trainer.epochs"]
     assert recipe.auto_keys(cfg) == autos  # every key recipe=auto can fill
     assert (cfg.loss.matcher.fg_iou, cfg.loss.matcher.bg_iou) == (0.5, 0.4)
@@ -124,8 +124,9 @@ def test_experiment_own_data_is_data_custom_with_recipe_auto_and_the_papers_matc
     assert cfg.schedule == demo.schedule and cfg.postprocess == demo.postprocess
     # the command line wins: a value given is not auto, a group given replaces the demo's
     mine = compose_train(["experiment=own_data", *OWN, "optim.lr=0.001", "data.max_size=512", "model=retinanet_r50"])
-    assert recipe.auto_keys(mine) == ["data.min_size", "model.anchors.sizes", "optim.weight_decay", "trainer.epochs"]
-    assert mine.model.net.backbone == "resnet50" and mine.model.anchors.sizes == "auto"
+    assert recipe.auto_keys(mine) == ["data.min_size", "model.anchors.scale", "optim.weight_decay", "trainer.epochs"]
+    assert mine.model.net.backbone == "resnet50" and mine.model.anchors.scale == "auto"
+    assert list(mine.model.anchors.sizes) == [32, 64, 128, 256, 512]  # the preset's own: the base of the fit
 
 
 def test_data_custom_without_the_recipe_says_what_to_set(tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from retinanet.checkpoint import TrainState, load_checkpoint
 from retinanet.data.build import build_dataset, build_loader
@@ -242,3 +243,58 @@ def test_the_recipe_rate_under_a_two_process_group_follows_the_global_batch(tmp_
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["world_size"] == 2 and got["lr"] == pytest.approx(5e-5)
         assert "linear in the global batch of 8: 2 process(es) x 2 x 2 accumulated" in got["why"]
+
+
+UNREADABLE_SHARD = """
+import json, sys
+import torch.distributed as dist
+from retinanet import distributed
+from retinanet.data import CocoDetection
+from retinanet.evaluation import evaluate
+
+distributed.init_from_env(timeout_minutes=0.5)
+rank = dist.get_rank()
+dataset = CocoDetection(sys.argv[1], sys.argv[2])
+
+
+class Detector:  # rank 1 could read none of its images: no batch, hence no losses
+    def detect(self, loader, progress, desc, criterion):
+        if rank == 1:
+            return [], [], {}
+        return [], [], {"loss": 1.5, "loss_cls": 1.0, "loss_box": 0.5}
+
+
+result = evaluate(Detector(), None, dataset, criterion=object(), progress=False)
+dist.barrier()  # the next collective of the run: every rank reaches it
+print("LOSSES", rank, json.dumps(result.metrics["loss"]))
+distributed.shutdown()
+"""
+
+
+def test_a_rank_whose_validation_shard_is_unreadable_neither_hangs_nor_skews_the_losses(tmp_path):
+    """Suspect of issue 22: a rank with an empty losses dict made fewer all-reduce calls than the others."""
+    images = [{"id": i + 1, "file_name": f"{i}.png", "width": 32, "height": 32} for i in range(4)]
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in range(4)]
+    (tmp_path / "img").mkdir()
+    for img in images:
+        Image.new("RGB", (32, 32)).save(tmp_path / "img" / img["file_name"])
+    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                 "categories": [{"id": 1, "name": "x"}]}))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", UNREADABLE_SHARD, str(tmp_path / "a.json"), str(tmp_path / "img")],
+                              env={**os.environ, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "CUDA_VISIBLE_DEVICES": "", "NO_ALBUMENTATIONS_UPDATE": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("the ranks hung in the evaluation")
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    losses = [json.loads(line.split(" ", 2)[2]) for o in outs for line in o.splitlines() if line.startswith("LOSSES")]
+    # every rank gets rank 0's losses: the mean over the ranks that measured them (not halved by the empty one)
+    assert losses == [{"loss": 1.5, "loss_box": 0.5, "loss_cls": 1.0}] * 2

@@ -179,3 +179,32 @@ def test_predict_is_batch_invariant(tiny_run):
                 assert not unmatched_detections(one, det, detector.autocast_dtype), (precision, batch_size)
         for det in detector.predict([images[0]] * 3):
             assert not unmatched_detections(alone[0], det, detector.autocast_dtype), precision
+
+
+def rotated_phone_video(path, width=64, height=32, frames=3):
+    """An mp4 of ``width`` x ``height`` frames (left half red) whose track header says: display rotated 90 degrees,
+    as phones record portrait video (the 3x3 display matrix of the ISO-BMFF ``tkhd`` box)."""
+    import struct
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (width, height))
+    for _ in range(frames):
+        frame = np.zeros((height, width, 3), np.uint8)
+        frame[:, : width // 2] = (0, 0, 255)  # BGR red
+        writer.write(frame)
+    writer.release()
+    data = bytearray(path.read_bytes())
+    tkhd = data.find(b"tkhd") + 4
+    assert data[tkhd] == 0  # version 0: 32-bit times
+    matrix = tkhd + 4 + 20 + 8 + 8  # flags, times / id / duration, reserved, layer / group / volume / reserved
+    assert struct.unpack(">9i", data[matrix:matrix + 36]) == (0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+
+
+def test_a_rotated_phone_video_reports_the_size_of_the_frames_it_gives(tmp_path):
+    """Suspect of issue 22: width / height from the capture properties while OpenCV rotates the frames."""
+    rotated_phone_video(tmp_path / "phone.mp4")
+    frames = list(read_frames(tmp_path / "phone.mp4"))
+    assert frames and all(f.shape == (64, 32, 3) for f in frames)  # OpenCV turned them upright
+    info = video_info(tmp_path / "phone.mp4")
+    assert (info["height"], info["width"]) == frames[0].shape[:2]  # the detections' pixels are these frames'

@@ -108,3 +108,48 @@ def test_inspect_script(tiny_shapes, tmp_path):
     plain = np.asarray(Image.open(tiny_shapes / "train" / "000000.png").convert("RGB"), dtype=float)
     assert drawn.shape == plain.shape and np.abs(drawn - plain).max() > 100  # boxes drawn on the image
 
+
+
+def test_the_anchor_statistics_keep_a_rare_class_when_they_subsample(tmp_path):
+    from retinanet.data.statistics import best_anchor_iou
+
+    images = [{"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(50)]
+    anns = [{"id": 1000 * i + k + 1, "image_id": i + 1, "category_id": 1, "bbox": [k % 8 * 7, k // 8 * 12, 6, 10]}
+            for i in range(50) for k in range(40)]  # 2000 boxes of the common class
+    anns += [{"id": 99000 + i, "image_id": i + 1, "category_id": 2, "bbox": [2, 2, 30, 30]} for i in range(0, 50, 5)]
+    ds = write(tmp_path, images, anns)
+    ious, labels = best_anchor_iou(ds, AnchorGenerator(sizes=(16, 32, 64, 128, 256)), 64, 64, 32, max_boxes=200,
+                                   with_labels=True)
+    assert len(ious) <= 200 and int((labels == 1).sum()) == 10  # every box of the rare class (uniform: ~1)
+    assert int((labels == 0).sum()) == 190  # the rest of the budget to the common class
+
+
+def test_inspect_shows_what_training_with_the_same_overrides_would_use(tmp_path, monkeypatch):
+    from retinanet import recipe
+    from retinanet.commands import inspect_dataset
+
+    images = [{"id": i + 1, "file_name": f"{i}.png", "width": 640, "height": 480} for i in range(6)]
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [20, 30, 4, 4]} for i in range(6)]
+    write(tmp_path, images, anns, cats=({"id": 1, "name": "thing"},))
+    paths = [f"data.train_ann={tmp_path / 'a.json'}", f"data.train_images={tmp_path / 'img'}",
+             f"data.val_ann={tmp_path / 'a.json'}", f"data.val_images={tmp_path / 'img'}"]
+    overrides = ["experiment=own_data", *paths, "data.min_size=480", "device=cpu", "trainer.time_limit=60"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU present: device=cpu still rules
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="inspect", overrides=[*overrides, "num_samples=0", "progress=false"])
+        train_cfg = compose(config_name="train", overrides=overrides)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        report = inspect_dataset.run(cfg, tmp_path / "out")
+    training = recipe.apply(train_cfg, torch.device("cpu"))  # what retinanet-train does (trainer.prepare)
+    assert report["recipe"] == {c.key: {"value": c.value, "reason": c.reason} for c in training}
+    assert set(report["recipe"]) == {"data.max_size", "model.anchors.scale", "optim.lr", "optim.weight_decay",
+                                     "trainer.epochs"}  # every auto value, the given min_size kept
+    assert (cfg.data.min_size, cfg.data.max_size) == (train_cfg.data.min_size, train_cfg.data.max_size) == (480, 640)
+    assert report["anchor_coverage"]["anchor_sides"][0] == pytest.approx(16 * train_cfg.model.anchors.scale, abs=0.1)
+    assert "recipe=auto fitted to the training set" in buf.getvalue()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):  # the device's resize cap: device=cpu's
+        auto = compose(config_name="inspect", overrides=[*overrides[:-3], "device=cpu", "num_samples=0",
+                                                         "progress=false"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert inspect_dataset.run(auto, tmp_path / "out2")["recipe"]["data.max_size"]["value"] == 512  # GPU: 640

@@ -49,7 +49,7 @@ def main() -> None:
         cfg = compose("train", ["experiment=own_data", f"data.train_ann={args.ann}", f"data.train_images={args.images}",
                                 f"data.val_ann={args.ann}", f"data.val_images={args.images}",
                                 f"data.min_size={args.size}", f"data.max_size={args.size}", "data.size_divisible=32",
-                                "model=retinanet_r18_cpu", "model.anchors.sizes=[16,32,64,128,256]", *overrides])
+                                "model=retinanet_r18_cpu", "model.anchors.scale=1", *overrides])
     ds = build_dataset(cfg.data, "train", train=True)
     batch = next(iter(build_loader(ds, 8, True, 0, cfg.data.size_divisible, 0, False)))
     anchors = instantiate(cfg.model.anchors)

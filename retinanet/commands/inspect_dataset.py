@@ -4,8 +4,11 @@ Prints images, boxes per class (with a suggested per-class focal-loss alpha), im
 boxes, the box-size distribution after the training resize and the anchor coverage per size
 bucket (share of boxes that get a positive anchor from the matcher, share that reach IoU >=
 loss.matcher.fg_iou with some anchor), with hints. Writes inspect.json and samples/*.jpg (images
-with their ground truth drawn) into `output` (default: the Hydra run dir). Pass the same data /
-model / loss overrides as for training, e.g. model.anchors.sizes=[8,16,32,64,128].
+with their ground truth drawn) into `output` (default: the Hydra run dir). Pass the same overrides
+as for training, e.g. model.anchors.sizes=[8,16,32,64,128]: with recipe=auto (experiment=own_data)
+the values a training run would fit (resize, anchors, learning rate, run length) come from the same
+code (``retinanet.recipe.apply`` on the same device) and are printed with their reasons; the images
+are checked as training checks them (``data.verify``).
 
 Examples:
     retinanet-inspect                      # the embedded shapes dataset
@@ -37,18 +40,21 @@ def run(cfg: DictConfig, out_dir) -> dict:
         raise ConfigError(f"split={cfg.split!r} must be train or val")
     if cfg.data.generate is not None:
         instantiate(cfg.data.generate)
-    # recipe=auto (experiment=own_data): examine the resize and anchors training would pick
-    recipe.apply(cfg, resolve_device("auto"), only={"data.min_size", "data.max_size", "model.anchors.sizes"})
-    dataset = build_dataset(cfg.data, cfg.split, train=False)
+    # recipe=auto (experiment=own_data): every value training would fit, by the same call on the same device
+    choices = recipe.apply(cfg, resolve_device(cfg.device))
+    dataset = build_dataset(cfg.data, cfg.split, train=False, progress=cfg.progress)
     stats = dataset_statistics(dataset)
     anchors, matcher = instantiate(cfg.model.anchors), instantiate(cfg.loss.matcher)
     coverage = anchor_coverage(dataset, anchors, matcher, cfg.data.min_size, cfg.data.max_size,
                                cfg.data.size_divisible, cfg.max_images, cfg.progress)
     alpha = suggested_alpha(dataset)
     print(f"\n{dataset.ann_file}\n" + format_report(stats, coverage, alpha))
+    if choices:
+        print("\n" + recipe.describe(choices))
     out_dir = Path(out_dir)
     samples = render_samples(dataset, out_dir / "samples", cfg.num_samples)
     report = {"annotations": dataset.ann_file, **stats, "anchor_coverage": coverage, "suggested_alpha": alpha,
+              "recipe": {c.key: {"value": c.value, "reason": c.reason} for c in choices},
               "samples": [str(p) for p in samples]}
     atomic_write_json(report, out_dir / "inspect.json")
     print(f"\nwrote {out_dir / 'inspect.json'} and {len(samples)} samples in {out_dir / 'samples'}")

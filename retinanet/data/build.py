@@ -39,8 +39,10 @@ def eval_resize(data_cfg: Mapping) -> tuple:
     return pick("min_size"), pick("max_size")
 
 
-def build_dataset(data_cfg: DictConfig, split: str, train: bool, resize: tuple | None = None) -> CocoDetection:
-    """The dataset of one split with its transform (augmented for training).
+def build_dataset(data_cfg: DictConfig, split: str, train: bool, resize: tuple | None = None,
+                  progress: bool = True) -> CocoDetection:
+    """The dataset of one split with its transform (augmented for training), its images checked as
+    ``data.verify`` says (with ``data.on_error=raise``; ``progress``: a progress bar).
 
     Training resizes with ``data.min_size`` / ``max_size``, evaluation with ``eval_resize(data_cfg)``
     unless ``resize=(min_size, max_size)`` is given (e.g. a checkpoint's own).
@@ -54,7 +56,8 @@ def build_dataset(data_cfg: DictConfig, split: str, train: bool, resize: tuple |
         color_jitter=aug.color_jitter, min_visibility=aug.min_visibility,
     )
     return CocoDetection(data_cfg[f"{split}_ann"], data_cfg[f"{split}_images"], transform=transform,
-                         on_error=data_cfg.get("on_error", "raise"), skip_policy="replace" if train else "drop")
+                         on_error=data_cfg.get("on_error", "raise"), skip_policy="replace" if train else "drop",
+                         verify=data_cfg.get("verify", True), progress=progress)
 
 
 def empty_batch(size_divisible: int) -> Batch:

@@ -9,15 +9,18 @@ Bad input and ``on_error``:
   JSON, a wrong top-level structure, a bad category record, a missing image folder;
 - ``on_error="raise"`` (default): any bad image or annotation record (missing field, duplicate
   id, unknown image or category, malformed bbox, ``file_name`` escaping the image folder), a
-  missing image file (checked when the dataset is built) and an unreadable, truncated or
-  wrongly sized image (found when it is loaded) raise a ``DatasetError`` / ``ImageReadError``
-  naming the file, the record, the field and the value;
+  missing image file (checked when the dataset is built) and an unreadable or wrongly sized
+  image raise a ``DatasetError`` / ``ImageReadError`` naming the file, the record, the field and
+  the value: when the dataset is built with ``verify`` (``data.verify``, ``retinanet.data.verify``:
+  every image decoded, or its header read), otherwise when the image is loaded. A truncated JPEG
+  is decoded to what it holds, with a warning (``image_io``);
 - ``on_error="skip"``: such records are dropped with one warning per reason (count and first
   example) when the dataset is built, and such images are skipped when loaded: the dataset
   returns the next readable image (``skip_policy="replace"``, training) or a ``{"skipped": True}``
   marker that the loader's collate drops (``skip_policy="drop"``, evaluation). Load-time skips
   are flagged in shared memory (visible across DataLoader workers) and ``report_skipped()``
-  logs them at the end of each pass.
+  logs them at the end of each pass. In evaluation (``"drop"``) an image whose file is missing
+  stays in the ground truth like one that cannot be decoded: its objects count as missed.
 
 Boxes (both modes): non-finite, zero / negative size and entirely-outside boxes are dropped,
 boxes partly outside their image are clipped, and one warning summarises the counts.
@@ -36,7 +39,8 @@ import torch
 from pycocotools.coco import COCO
 
 from retinanet.boxes import xywh_to_xyxy, xyxy_to_xywh
-from retinanet.data.image_io import ImageReadError, load_rgb
+from retinanet.data.image_io import ImageReadError, load_rgb, note_truncated
+from retinanet.data.verify import check_verify, verify_images
 from retinanet.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -248,9 +252,10 @@ class CocoDetection(torch.utils.data.Dataset):
     load time over all passes reported so far.
     """
 
-    def __init__(self, ann_file, img_dir, transform=None, on_error: str = "raise", skip_policy: str = "replace"):
+    def __init__(self, ann_file, img_dir, transform=None, on_error: str = "raise", skip_policy: str = "replace",
+                 verify: bool | str = False, progress: bool = True):
         self.ann_file, self.img_dir, self.transform = os.fspath(ann_file), os.fspath(img_dir), transform
-        self.on_error = check_on_error(on_error)
+        self.on_error, verify = check_on_error(on_error), check_verify(verify)
         if skip_policy not in SKIP_POLICIES:
             raise ValueError(f"skip_policy={skip_policy!r} must be one of {list(SKIP_POLICIES)}")
         self.skip_policy = skip_policy
@@ -276,17 +281,59 @@ class CocoDetection(torch.utils.data.Dataset):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco.createIndex()
         self._exif_warned = False
+        self._square_exif = True  # square images with a 90-degree EXIF rotation: rotated (see _verify)
+        if verify and on_error == "raise":
+            self._verify(decode=verify is True, progress=progress)
         # one flag per image, in shared memory so that DataLoader workers' skips are seen here
         self._failed = torch.zeros(len(images), dtype=torch.uint8).share_memory_() if on_error == "skip" else None
         self._failure_logged = False
         self.load_skipped = 0
+
+    def _verify(self, decode: bool, progress: bool) -> None:
+        """Every image checked now (``retinanet.data.verify``): unusable files raise one error listing them,
+        truncated JPEGs get one warning, and the EXIF rotation of square images follows the other images'."""
+        paths = [self.image_path(i) for i in range(len(self))]
+        checks = verify_images(paths, self._sizes, decode, f"checking {os.path.basename(self.ann_file)}", progress)
+        bad = [(name, c.problem) for name, c in zip(self._file_names, checks) if c.problem]
+        if bad:
+            listed = "; ".join(f"{name}: {problem}" for name, problem in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise DatasetError(
+                f"{len(bad)} of {len(self)} images of {self.ann_file} (in {self.img_dir}) cannot be used: {listed}. "
+                "Replace or fix them (or remove them from the annotation file); or go on without them with "
+                "data.on_error=skip (left out of training, counted as missed in evaluation); data.verify=false "
+                "skips this check")
+        truncated = [name for name, c in zip(self._file_names, checks) if c.truncated]
+        if truncated:
+            log.warning("%d of %d images of %s are truncated JPEGs, decoded to what they hold (the rest grey): %s%s",
+                        len(truncated), len(self), self.ann_file, ", ".join(truncated[:10]),
+                        " ..." if len(truncated) > 10 else "")
+            for path, c in zip(paths, checks):
+                if c.truncated:
+                    note_truncated(path, quiet=True)
+        self._square_exif = self._exif_convention([c.rotated for c in checks])
+
+    def _exif_convention(self, rotated: list) -> bool:
+        """Whether square images with a 90-degree EXIF rotation are rotated: as the annotations of the non-square
+        ones show (their size matches one orientation only), the EXIF rotation when none shows it."""
+        upright, stored, square = (sum(r == k for r in rotated) for k in ("upright", "stored", "square"))
+        follow = stored <= upright
+        if square and (upright or stored):
+            log.info("%s: %d square images with an EXIF rotation are read %s, as %d of the %d other rotated images "
+                     "are annotated", self.ann_file, square, "rotated" if follow else "as stored",
+                     upright if follow else stored, upright + stored)
+        elif square:
+            log.warning("%s: %d square images carry a 90-degree EXIF rotation and no other image shows whether the "
+                        "annotations follow it: they are read rotated, as image viewers show them", self.ann_file,
+                        square)
+        return follow
 
     @property
     def num_classes(self) -> int:
         return len(self.label_to_cat_id)
 
     def _drop_missing_files(self, data: dict, problems: Problems) -> dict:
-        """The validation pass over image files (``os.path.exists`` only: cheap even for COCO)."""
+        """The validation pass over image files (``os.path.exists`` only: cheap even for COCO). In evaluation
+        (``skip_policy="drop"``) a missing file is kept: skipped when loaded, its objects count as missed."""
         missing = [img for img in data["images"] if not os.path.exists(os.path.join(self.img_dir, img["file_name"]))]
         if not missing:
             return data
@@ -294,6 +341,11 @@ class CocoDetection(torch.utils.data.Dataset):
             names = [img["file_name"] for img in missing[:5]]
             raise DatasetError(f"{len(missing)} of {len(data['images'])} images listed in {self.ann_file} are "
                                f"missing from {self.img_dir}, e.g. {names} (data.on_error=skip leaves them out)")
+        if self.skip_policy == "drop":
+            for img in missing:
+                problems("images whose file is missing (kept in the ground truth: their objects count as missed)",
+                         f"image id {img['id']}: field 'file_name'={img['file_name']!r} not found in {self.img_dir}")
+            return data
         for img in missing:
             problems("images whose file is missing", f"image id {img['id']}: field 'file_name'={img['file_name']!r} "
                                                      f"not found in {self.img_dir}")
@@ -366,8 +418,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def load_image(self, i: int) -> np.ndarray:
         """Image ``i`` as RGB uint8 [H, W, 3], oriented like its annotations (no transform)."""
         path = self.image_path(i)
-        image = load_rgb(path)
         h, w = self.image_size(i)
+        image = load_rgb(path, exif=self._square_exif or h != w)
         if image.shape[:2] != (h, w):
             raw = load_rgb(path, exif=False)
             if raw.shape[:2] != (h, w):

@@ -66,8 +66,35 @@ def box_statistics(dataset, max_images: int | None = None) -> dict:
         "box_side_median": float(np.median(side)) if len(side) else math.nan,
         # box size relative to its image's longer side: what a resize keeps
         "relative_side_p5": float(np.percentile(side / longer, 5)) if len(side) else math.nan,
+        # longer / shorter side of the images: how long a max_size lets the shorter side reach a min_size
+        "image_aspect_p95": float(np.percentile(sizes.max(axis=1) / np.maximum(sizes.min(axis=1), 1), 95))
+        if len(sizes) else math.nan,
         "boxes_per_image": float(len(side) / max(1, len(index))),
     }
+
+
+def examined_min_size(min_size):
+    """The shorter side the statistics resize to: a list ``min_size`` (multi-scale training) at its largest."""
+    if min_size is not None and not isinstance(min_size, (int, float)):
+        return max(int(v) for v in min_size)
+    return min_size
+
+
+def stratified(labels: np.ndarray, max_boxes: int) -> np.ndarray:
+    """Indices of at most ``max_boxes`` of ``labels`` (sorted), evenly spaced within each class, each class
+    getting an equal share of the budget (a class with fewer boxes keeps them all, its unused share goes to the
+    others): a rare class keeps its boxes."""
+    if len(labels) <= max_boxes:
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.zeros(len(classes), dtype=np.int64)
+    left = max_boxes
+    for j, k in enumerate(np.argsort(counts, kind="stable")):  # smallest first: what they leave goes to the rest
+        quota[k] = min(counts[k], left // (len(classes) - j))
+        left -= quota[k]
+    picked = [np.flatnonzero(labels == c)[np.linspace(0, n - 1, q).round().astype(int)]
+              for c, n, q in zip(classes, counts, quota) if q]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
 def _resized_boxes(dataset, i: int, min_size, max_size, size_divisible: int, min_box_size: float = 1.0):
@@ -85,11 +112,12 @@ def _resized_boxes(dataset, i: int, min_size, max_size, size_divisible: int, min
 def best_anchor_iou(dataset, anchors, min_size: int | None, max_size: int | None, size_divisible: int,
                     max_images: int | None = None, max_boxes: int = 2000, with_labels: bool = False):
     """The best IoU of each non-crowd box with the anchors of its padded, resized image (boxes the transform
-    would drop count as 0), for at most ``max_boxes`` boxes (evenly spaced) of ``max_images`` images;
-    ``with_labels``: (ious, the boxes' labels).
+    would drop count as 0), for at most ``max_boxes`` boxes (``stratified`` by class) of ``max_images`` images;
+    ``with_labels``: (ious, the boxes' labels). A list ``min_size`` is examined at its largest value.
 
     Images of one padded size share one anchor grid: the IoUs are computed per size, in chunks of boxes, so a
     search over many anchor settings stays fast (``retinanet.recipe``)."""
+    min_size = examined_min_size(min_size)
     n = len(dataset)
     index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round().astype(int)
     by_pad: dict[tuple, list] = {}
@@ -98,18 +126,21 @@ def best_anchor_iou(dataset, anchors, min_size: int | None, max_size: int | None
         keep = ~crowd
         by_pad.setdefault(pad, []).append((boxes[keep], alive[keep], np.asarray(labels)[keep]))
     groups = [(pad, *(np.concatenate([item[k] for item in items]) for k in range(3))) for pad, items in by_pad.items()]
-    total = sum(len(b) for _, b, _, _ in groups)
-    stride = max(1, int(np.ceil(total / max_boxes)))
+    chosen = np.zeros(sum(len(b) for _, b, _, _ in groups), dtype=bool)
+    if len(chosen):
+        chosen[stratified(np.concatenate([labels for *_, labels in groups]), max_boxes)] = True
+    offsets = np.cumsum([0] + [len(b) for _, b, _, _ in groups])
     best, best_labels = [], []
-    for pad, boxes, alive, labels in groups:
-        boxes, alive = boxes[::stride], alive[::stride]
+    for (pad, boxes, alive, labels), lo, hi in zip(groups, offsets[:-1], offsets[1:]):
+        keep = chosen[lo:hi]
+        boxes, alive, labels = boxes[keep], alive[keep], labels[keep]
         iou = np.zeros(len(boxes))
         if alive.any():
             grid = anchors.for_image(pad)  # [A, 4]
             live = torch.from_numpy(boxes[alive])
             iou[alive] = torch.cat([pairwise_iou(chunk, grid).amax(dim=1) for chunk in live.split(256)]).numpy()
         best.append(iou)
-        best_labels.append(labels[::stride])
+        best_labels.append(labels)
     ious = np.concatenate(best) if best else np.zeros(0)
     if with_labels:
         return ious, (np.concatenate(best_labels) if best_labels else np.zeros(0, dtype=np.int64))
@@ -124,8 +155,7 @@ def anchor_coverage(dataset, anchors, matcher: Matcher, min_size: int | None, ma
     With ``max_images`` only that many images, evenly spaced over the dataset, are examined. A list
     ``min_size`` (multi-scale training) is examined at its largest value.
     """
-    if min_size is not None and not isinstance(min_size, (int, float)):  # multi-scale list: its largest size
-        min_size = max(int(v) for v in min_size)
+    min_size = examined_min_size(min_size)
     n = len(dataset)
     index = np.arange(n) if not max_images or max_images >= n else np.linspace(0, n - 1, max_images).round().astype(int)
     sizes, matched, strong, best, aspects = [], [], [], [], []
@@ -167,7 +197,7 @@ def anchor_coverage(dataset, anchors, matcher: Matcher, min_size: int | None, ma
         "iou_at_fg": float(strong.mean()) if total else math.nan,
         "aspect_ratio_quantiles": {f"p{q}": float(np.percentile(aspects, q)) if total else math.nan
                                    for q in (5, 25, 50, 75, 95)},
-        "anchor_sides": sorted({round(s * sc, 1) for s in anchors.sizes for sc in anchors.scales}),  # sqrt(area)
+        "anchor_sides": sorted({round(v, 1) for level in anchors.sizes_per_level for v in level}),  # sqrt(area)
         "fg_iou": matcher.fg_iou,
     }
 
@@ -186,7 +216,7 @@ def hints(coverage: dict) -> list[str]:
         if row["boxes"] >= max(1, 0.05 * coverage["boxes"]) and row["iou_at_fg"] < 0.5:
             out.append(f"{row['boxes']} boxes of {row['size']} px: only {row['iou_at_fg']:.0%} reach IoU "
                        f">= {coverage['fg_iou']} with an anchor (median best IoU {row['median_best_iou']:.2f}; "
-                       f"smallest anchor {smallest} px). Change model.anchors.sizes or the resize "
+                       f"smallest anchor {smallest} px). Change model.anchors.sizes (or .scale) or the resize "
                        "(data.min_size / data.max_size).")
     return out
 

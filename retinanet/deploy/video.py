@@ -44,12 +44,17 @@ def _open(path: Path) -> cv2.VideoCapture:
 
 
 def video_info(path: str | os.PathLike) -> dict:
-    """``fps``, ``frames`` (the container's count: an estimate for some formats), ``width``, ``height``."""
+    """``fps``, ``frames`` (the container's count: an estimate for some formats), ``width``, ``height`` (of the
+    frames as ``read_frames`` gives them: OpenCV turns a phone video's frames upright by its rotation metadata,
+    and the size is read from the first frame, whatever the OpenCV version reports as the stream's size)."""
     capture = _open(Path(path))
     try:
         fps = float(capture.get(cv2.CAP_PROP_FPS))
-        return {"fps": fps if fps > 0 else 25.0, "frames": max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT))),
-                "width": int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), "height": int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))}
+        frames = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
+        ok, frame = capture.read()
+        height, width = frame.shape[:2] if ok else (int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                                                    int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)))
+        return {"fps": fps if fps > 0 else 25.0, "frames": frames, "width": int(width), "height": int(height)}
     finally:
         capture.release()
 

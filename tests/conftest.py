@@ -4,6 +4,7 @@ from each other."""
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,10 @@ def micro_overrides(root: Path, epochs: int = 2) -> list[str]:
         # every augmentation on (the shapes preset keeps only the flip): resumes must replay all of them
         "data.augment.scale_range=[0.8,1.2]", "data.augment.translate=0.1", "data.augment.color_jitter=0.2",
     ]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the rendezvous of a multi-process test run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

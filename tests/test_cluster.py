@@ -6,6 +6,7 @@ What cannot run here: a real SLURM controller (sbatch, scontrol requeue) and ncc
 runs the same task code; only the variables it reads (SLURM_*) and the requeue command differ.
 """
 
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import torch
 
 from retinanet import cluster
 from retinanet.checkpoint import load_checkpoint
+from retinanet.signals import StopSignal
 
 from conftest import ROOT, TIMEOUT, free_port, make_micro_shapes, micro_overrides
 
@@ -96,6 +98,58 @@ def test_a_bad_slurm_variable_stops_the_command_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "node list 'gpu[01-': unbalanced brackets" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def submitit_task(monkeypatch, executor: str, **variables) -> None:
+    """This process as a task of a submitit job (the variables submitit's executors set; submitit reads them)."""
+    slurm_task(monkeypatch, SUBMITIT_EXECUTOR=executor, **variables)
+
+
+def test_a_submitit_slurm_task_takes_its_place_from_submitit(monkeypatch):
+    # what submitit_slurm's tasks see: submitit's SlurmJobEnvironment reads them (nodes=2, tasks_per_node=8)
+    submitit_task(monkeypatch, "slurm", SLURM_JOB_ID="991", SLURM_PROCID="11", SLURM_LOCALID="3",
+                  SLURM_NTASKS="16", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[07-08]")
+    assert cluster.rendezvous_variables() == ("submitit", {
+        "RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(cluster.derived_port("991"))})
+
+
+def test_in_a_submitit_job_the_preemption_signal_stops_saves_and_goes_on_to_submitit(monkeypatch, tmp_path):
+    submitit_task(monkeypatch, "local", SUBMITIT_LOCAL_JOB_ID="123", SUBMITIT_LOCAL_NTASKS="1",
+                  SUBMITIT_LOCAL_GLOBALID="0", SUBMITIT_LOCAL_LOCALID="0")
+    assert cluster.preemption_signal() == signal.SIGUSR2
+    received = []  # stands in for the handler submitit installs in its tasks (checkpoint and requeue)
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
+    try:
+        stop = StopSignal().install()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested() and received == []  # first: stop after the step, save last.pt ...
+        stop.hand_over()  # ... then submitit's handler, which requeues
+        assert received == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+    assert cluster.continue_requeued_run(None, tmp_path) is None  # a new job starts fresh
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert cluster.continue_requeued_run(None, tmp_path) == "auto"  # a requeued one continues its run dir
+    assert cluster.continue_requeued_run("/old/run/last.pt", tmp_path) == "auto"
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    assert cluster.continue_requeued_run(None, tmp_path) is None  # outside submitit: as configured
+    assert cluster.preemption_signal() is None
+
+
+def test_sigterm_is_not_handed_over(monkeypatch):
+    submitit_task(monkeypatch, "local", SUBMITIT_LOCAL_JOB_ID="123")
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        stop = StopSignal().install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        stop.hand_over()  # SIGTERM: last.pt and exit, no requeue (SLURM requeues a preempted job itself)
+        stop.restore()
+        assert stop.requested() and received == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- real multi-process runs: torchrun, srun (simulated), submitit's local executor ---------------------------
@@ -179,7 +233,7 @@ def test_srun_tasks_given_slurm_variables_train_two_ranks(base, torchrun_run, tm
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs  # both tasks used rank 0's timestamped run dir
     log = (run_dirs[0] / "train.log").read_text()
-    assert f"SLURM task: rank 0 of 2 (local rank 0), rendezvous localhost:{port}" in log
+    assert json.loads((run_dirs[0] / "metrics.json").read_text())["world_size"] == 2
     assert "batches of 4 images (2 per process x 2 process(es) x 1 accumulated)" in log
     assert_bit_identical(weights(run_dirs[0]), weights(torchrun_run))
 
@@ -218,7 +272,7 @@ def test_a_preempted_submitit_job_requeues_itself_and_ends_bit_identical(base, s
     log = (run_dir / "train.log").read_text()
     assert "SIGUSR2 received" in log and "handing SIGUSR2 over to submitit" in log, log[-3000:]
     assert "holds last.pt: continuing it (trainer.resume=auto)" in log, log[-3000:]  # the requeued job
-    task0 = next(run_dir.parent.glob(".submitit/*/*_0_log.err")).read_text()
+    task0 = next(run_dir.parent.glob(".submitit/*/*_0_log.out")).read_text()
     assert "Requeued job" in task0, task0[-3000:]
     assert load_checkpoint(run_dir / "last.pt")["replica_digests"][0] == \
         load_checkpoint(submitit_run / "last.pt")["replica_digests"][0]

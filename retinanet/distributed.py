@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,13 @@ def init_from_env(timeout_minutes: float = 30.0) -> DistInfo:
         backend = "cpu:gloo,cuda:nccl"  # nccl for CUDA tensors, gloo for CPU ones (device=cpu, small objects)
     else:
         backend = "gloo"
-    if source != "torchrun":
-        log.info("%s task: rank %s of %d (local rank %d), rendezvous %s:%s", source, os.environ["RANK"], world,
-                 local_rank, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    if source != "torchrun":  # where each task waits: on stderr under srun (before Hydra's logging is set up)
+        text = (f"{source} task: rank {os.environ['RANK']} of {world} (local rank {local_rank}), rendezvous "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+        if logging.getLogger().handlers:
+            log.info("%s", text)
+        else:
+            print(text, file=sys.stderr, flush=True)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     log.info("rank %d of %d (local rank %d), backend %s", dist.get_rank(), world, local_rank, backend)
     return info()

@@ -230,6 +230,8 @@ def test_srun_tasks_given_slurm_variables_train_two_ranks(base, torchrun_run, tm
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    for rank, output in enumerate(outputs):  # where each task waits, on its stderr (SLURM's task log)
+        assert f"SLURM task: rank {rank} of 2 (local rank {rank}), rendezvous localhost:{port}" in output
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs  # both tasks used rank 0's timestamped run dir
     log = (run_dirs[0] / "train.log").read_text()

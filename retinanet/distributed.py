@@ -176,12 +176,12 @@ def adopt_rank0_run_dir(argv: list[str]) -> None:
     folder with ``share_run_dir`` once Hydra has made it. Run dirs default to a timestamp, which processes
     started a second apart (or on other machines) would otherwise not agree on.
     """
-    if not init_from_env().enabled:
-        return
     if any(a in ("-m", "--multirun") for a in argv):
-        raise SystemExit("retinanet-train: Hydra multirun (-m) cannot be combined with torchrun or srun; "
-                         "launch one per configuration, or let hydra/launcher=submitit_slurm start the tasks")
-    if dist.get_rank() == 0:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("retinanet-train: Hydra multirun (-m) cannot be combined with torchrun; launch one "
+                             "torchrun per configuration, or let hydra/launcher=submitit_slurm start the tasks")
+        return  # the multirun's launcher runs the jobs (a submitit task joins its job's group itself)
+    if not init_from_env().enabled or dist.get_rank() == 0:
         return
     run_dir = str(broadcast_object(None)).replace("\\", "\\\\").replace("'", "\\'")
     # later overrides win over the user's; Hydra's config copies and log file come from rank 0 alone

@@ -34,9 +34,8 @@ class StopSignal:
 
     def install(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, self.requeue_signal):
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._handle)
+            for sig in {signal.SIGTERM, signal.SIGINT, self.requeue_signal} - {None}:  # SUBMITIT_PREEMPT_SIGNAL=TERM: once
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def hand_over(self) -> None:

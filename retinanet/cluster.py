@@ -24,7 +24,6 @@ from retinanet.errors import UserError
 
 log = logging.getLogger(__name__)
 
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 PORT_BASE, PORT_SPAN = 15000, 15000  # derived ports: 15000-29999, below Linux's ephemeral range (32768-60999)
 
 

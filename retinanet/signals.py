@@ -34,7 +34,8 @@ class StopSignal:
 
     def install(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
-            for sig in {signal.SIGTERM, signal.SIGINT, self.requeue_signal} - {None}:  # SUBMITIT_PREEMPT_SIGNAL=TERM: once
+            # a set: with SUBMITIT_PREEMPT_SIGNAL=TERM, SIGTERM is installed once (its previous handler: submitit's)
+            for sig in {signal.SIGTERM, signal.SIGINT, self.requeue_signal} - {None}:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -260,7 +260,7 @@ def test_a_preempted_submitit_job_requeues_itself_and_ends_bit_identical(base, s
     launcher = subprocess.Popen(submitit_command(sweep, base), cwd=tmp_path, env=clean_env(MASTER_PORT=str(free_port())),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + TIMEOUT
-    while not (sweep / "run" / "last.pt").is_file():  # epoch 1 is saved: preempt it in epoch 2
+    while not (sweep / "run" / "last.pt").is_file():  # epoch 1 is saved: preempt the job now (it stops after its current step)
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0][-3000:]
         time.sleep(0.05)
     tasks = task_pids(launcher.pid)

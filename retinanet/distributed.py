@@ -1,8 +1,9 @@
-"""torch.distributed helpers: process group from torchrun's environment, reductions, gathering, run dir.
+"""torch.distributed helpers: process group from the launcher's environment, reductions, gathering, run dir.
 
 ``torchrun --nproc_per_node=N -m retinanet.commands.train ...`` (from a clone: ``scripts/train.py``) sets
-``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``init_from_env`` joins that
-group (nccl for CUDA tensors, gloo for CPU tensors). Without those variables everything here is a no-op for one process, so the
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; a submitit task or an ``srun``
+task gets them from its job (``retinanet.cluster``). ``init_from_env`` joins that group (nccl for CUDA
+tensors, gloo for CPU tensors). Without any launcher everything here is a no-op for one process, so the
 trainer has a single code path.
 """
 
@@ -12,11 +13,14 @@ import datetime
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from retinanet import cluster
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +47,39 @@ def info() -> DistInfo:
 
 
 def init_from_env(timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the process group described by torchrun's environment (idempotent; no-op for one process)."""
+    """Join the process group of torchrun's environment, else of this submitit or ``srun`` task's job
+    (``retinanet.cluster.rendezvous_variables``, exported as torchrun's variables); idempotent; a no-op for one
+    process."""
+    if dist.is_available() and dist.is_initialized():
+        return info()
+    source, variables = cluster.rendezvous_variables()
+    os.environ.update(variables)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+    if world <= 1:
         return info()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    quiet_other_ranks(int(os.environ.get("RANK", "0")))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(cuda_index(local_rank))
         backend = "cpu:gloo,cuda:nccl"  # nccl for CUDA tensors, gloo for CPU ones (device=cpu, small objects)
     else:
         backend = "gloo"
+    if source != "torchrun":  # where each task waits: on stderr under srun (before Hydra's logging is set up)
+        text = (f"{source} task: rank {os.environ['RANK']} of {world} (local rank {local_rank}), rendezvous "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+        if logging.getLogger().handlers:
+            log.info("%s", text)
+        else:
+            print(text, file=sys.stderr, flush=True)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     log.info("rank %d of %d (local rank %d), backend %s", dist.get_rank(), world, local_rank, backend)
     return info()
+
+
+def cuda_index(local_rank: int) -> int:
+    """This process's GPU: its local rank among the GPUs it sees (one per task under ``srun --gpus-per-task=1``,
+    all of the node's under torchrun or ``--gpus-per-node``)."""
+    return local_rank % max(torch.cuda.device_count(), 1)
 
 
 def shutdown() -> None:
@@ -152,12 +176,12 @@ def adopt_rank0_run_dir(argv: list[str]) -> None:
     folder with ``share_run_dir`` once Hydra has made it. Run dirs default to a timestamp, which processes
     started a second apart (or on other machines) would otherwise not agree on.
     """
-    if not init_from_env().enabled:
-        return
     if any(a in ("-m", "--multirun") for a in argv):
-        raise SystemExit("retinanet-train: Hydra multirun (-m) cannot be combined with torchrun; "
-                         "launch one torchrun per configuration")
-    if dist.get_rank() == 0:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("retinanet-train: Hydra multirun (-m) cannot be combined with torchrun; launch one "
+                             "torchrun per configuration, or let hydra/launcher=submitit_slurm start the tasks")
+        return  # the multirun's launcher runs the jobs (a submitit task joins its job's group itself)
+    if not init_from_env().enabled or dist.get_rank() == 0:
         return
     run_dir = str(broadcast_object(None)).replace("\\", "\\\\").replace("'", "\\'")
     # later overrides win over the user's; Hydra's config copies and log file come from rank 0 alone
@@ -170,7 +194,12 @@ def share_run_dir(run_dir: str) -> None:
         broadcast_object(str(run_dir))
 
 
-def quiet_other_ranks() -> None:
-    """Text logs from rank 0 only; other ranks keep warnings and errors."""
-    if info().rank > 0:
-        logging.getLogger().setLevel(logging.WARNING)
+def quiet_other_ranks(rank: int | None = None) -> None:
+    """Text logs from rank 0 only; other ranks keep warnings and errors, on their console (a submitit task's
+    log file), never in the run dir's log file, which rank 0 writes."""
+    if (info().rank if rank is None else rank) > 0:
+        root = logging.getLogger()
+        root.setLevel(logging.WARNING)
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()

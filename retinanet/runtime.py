@@ -22,7 +22,7 @@ PRECISIONS = ("32", "16-mixed", "bf16-mixed", "auto")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``device`` config -> torch device; under torchrun a CUDA device is this process's GPU (LOCAL_RANK)."""
+    """``device`` config -> torch device; under torchrun, srun or submitit a CUDA device is this process's GPU."""
     if isinstance(name, torch.device):
         return name
     name = str(name)
@@ -35,7 +35,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available on this machine; use device=cpu")
     if device.type == "cuda" and distributed.info().enabled:
-        device = torch.device("cuda", distributed.info().local_rank)
+        device = torch.device("cuda", distributed.cuda_index(distributed.info().local_rank))
     return device
 
 

@@ -98,7 +98,7 @@ def fit(cfg: DictConfig, out_dir: str | Path) -> TrainResult:
     """Train, evaluate and checkpoint as configured into ``out_dir``.
 
     A SIGTERM or Ctrl-C saves ``last.pt`` and exits (``SystemExit(128 + signal)``); resume with
-    ``trainer.resume=auto``.
+    ``trainer.resume=auto``. In a submitit job its preemption signal does the same, then requeues the job.
     """
     validate_train_config(cfg, allow_auto=True)
     distributed.init_from_env()
@@ -107,6 +107,9 @@ def fit(cfg: DictConfig, out_dir: str | Path) -> TrainResult:
     try:
         with process_settings(cfg.trainer.threads, cfg.trainer.deterministic):
             return train_run(cfg, Path(distributed.broadcast_object(str(out_dir))), stop)
+    except SystemExit:
+        stop.hand_over()  # submitit's preemption signal: last.pt is saved, submitit requeues the job
+        raise
     finally:
         stop.restore()
 

@@ -4,6 +4,7 @@ from each other."""
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,10 @@ def unmatched_detections(a: dict, b: dict, dtype=None, limit: int = 100, iou: fl
                 lonely.append(f"{name} #{i}: label {int(x['labels'][i])} score {float(x['scores'][i]):.6g} "
                               f"box {[round(v, 2) for v in x['boxes'][i].tolist()]}")
     return lonely
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the rendezvous of a multi-process test run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ what is checked on CPU is the clear error for sync_bn without CUDA (torch's Sync
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from retinanet.engine import TrainStep, train_one_epoch
 from retinanet.errors import ConfigError
 from retinanet.trainer import run
 
-from conftest import ROOT, TIMEOUT, compose_train, make_micro_shapes, micro_overrides
+from conftest import ROOT, TIMEOUT, compose_train, free_port, make_micro_shapes, micro_overrides
 
 # measured on this machine: the loss of every step within 1.5e-7 relative, every weight within 7.8e-7
 # absolute (float32 sums in another order: all-reduced gradients of 2 x 2 images vs one batch of 4)
@@ -36,12 +35,6 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory) -> Path:
     return make_micro_shapes(tmp_path_factory.mktemp("micro") / "shapes")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:

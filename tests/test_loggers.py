@@ -79,16 +79,22 @@ def test_csv_logger_of_a_resumed_run_drops_the_rows_after_the_checkpoint_and_wid
     assert [r["val/AP"] for r in rows] == ["", "", "", "0.5"] and rows[2]["train/loss"] == str(1.0 / 3)
 
 
-def mlflow_client(out):
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """One sqlite store for several runs, as a team's would be (a new store costs seconds of migrations)."""
+    return tmp_path_factory.mktemp("mlflow_store") / "mlflow.db"
+
+
+def mlflow_client(out, store):
     from mlflow.tracking import MlflowClient
 
     ids = json.loads((out / "loggers.json").read_text())["mlflow"]
-    assert ids["tracking_uri"] == f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    assert ids["tracking_uri"] == f"sqlite:///{store}"
     return MlflowClient(tracking_uri=ids["tracking_uri"]), ids["run_id"]
 
 
-def check_mlflow_run(out, summary, experiment="shapes"):
-    client, run_id = mlflow_client(out)
+def check_mlflow_run(out, summary, store, experiment="shapes"):
+    client, run_id = mlflow_client(out, store)
     logged = client.get_run(run_id)
     assert logged.info.status == "FINISHED" and logged.info.run_name == out.name
     assert client.get_experiment(logged.info.experiment_id).name == experiment
@@ -107,7 +113,7 @@ def check_mlflow_run(out, summary, experiment="shapes"):
     assert {"model_card.md", "model_card.json", "metrics.json", "plots/loss_lr.png", "plots/ap_history.png"} <= artifacts
     local = client.download_artifacts(run_id, "metrics.json", str(out / "download"))
     assert json.loads(open(local).read()) == summary
-    assert (out / "mlflow_artifacts").is_dir()  # the artifacts stay under the run dir
+    assert (store.parent / "mlflow_artifacts").is_dir()  # beside the store, not in the working directory
     return history
 
 
@@ -115,16 +121,19 @@ def test_mlflow_logger_keeps_a_local_store_in_the_run_dir(micro, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (./mlruns)
     out = tmp_path / "run"
     summary = train(micro, out, "logger=mlflow")
-    check_mlflow_run(out, summary)
+    check_mlflow_run(out, summary, out.resolve() / "mlflow.db")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_tensorboard_and_mlflow_at_once_get_the_same_scalars(micro, tmp_path):
+def test_tensorboard_and_mlflow_at_once_get_the_same_scalars(micro, mlflow_store, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    summary = train(micro, out, "logger=[tensorboard,mlflow]", "logger.experiment=team")
-    history = check_mlflow_run(out, summary, experiment="team")
+    summary = train(micro, out, "logger=[tensorboard,mlflow]", "logger.experiment=team",
+                    f"logger.tracking_uri=sqlite:///{mlflow_store}")
+    history = check_mlflow_run(out, summary, mlflow_store, experiment="team")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     for tag in TRAIN_TAGS:
@@ -134,23 +143,24 @@ def test_tensorboard_and_mlflow_at_once_get_the_same_scalars(micro, tmp_path):
     assert "pictures/loss_lr" in events.Tags()["images"]
 
 
-def test_mlflow_logger_continues_its_run_on_resume(tmp_path):
+def test_mlflow_logger_continues_its_run_on_resume(tmp_path, mlflow_store):
     from retinanet.report.loggers.mlflow_run import MlflowLogger
 
-    first = MlflowLogger(tmp_path, "e", run_name="r")
+    uri = f"sqlite:///{mlflow_store}"
+    first = MlflowLogger(tmp_path, "e", uri, run_name="r")
     first.log_hparams({"a": 1})
     first.log_scalars({"train/loss": 1.0}, 1)
     first.close("KILLED")
-    again = MlflowLogger(tmp_path, "e", run_name="r", resumed_step=1)
+    again = MlflowLogger(tmp_path, "e", uri, run_name="r", resumed_step=1)
     assert again.run_id == first.run_id
     again.log_hparams({"a": 1, "trainer.resume": "auto"})  # params already logged are not logged again
     again.log_scalars({"train/loss": 0.5}, 2)
     again.close()
-    client, run_id = mlflow_client(tmp_path)
+    client, run_id = mlflow_client(tmp_path, mlflow_store)
     assert run_id == first.run_id and client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
     assert client.get_run(run_id).data.params == {"a": "1", "trainer.resume": "auto"}
-    fresh = MlflowLogger(tmp_path, "e")  # a fresh start in the same dir: a new run
+    fresh = MlflowLogger(tmp_path, "e", uri)  # a fresh start in the same dir: a new run
     fresh.close()
     assert fresh.run_id != first.run_id
 

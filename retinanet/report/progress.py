@@ -94,7 +94,7 @@ class ProgressLog:
                   if {"loss", "loss_cls", "loss_box"} <= means.keys() else "loss n/a (non-finite steps)")
         left = (total - result.step) * seconds / steps if seconds > 0 and steps > 0 else math.nan
         budget = getattr(self.plan, "budget", None)
-        if budget is not None:
-            left = min(left, budget.limit_s - spent_s) if math.isfinite(left) else budget.limit_s - spent_s
+        if budget is not None and math.isfinite(left):
+            left = min(left, budget.limit_s - spent_s)
         left_text = f"about {duration(left)} left" if math.isfinite(left) else "time left: measuring"
         return f"step {result.step}/{total} (epoch {epoch}): {rate}, {losses}, lr {result.lr:.2e}, {left_text}"

@@ -2,8 +2,9 @@
 
 ``tracking_uri=null`` (the default): ``sqlite:///<run dir>/mlflow.db`` with the artifacts in
 ``<run dir>/mlflow_artifacts`` (MLflow 3 refuses its plain file store unless told otherwise; a sqlite file
-is a store like a server's: ``mlflow ui --backend-store-uri sqlite:///<run dir>/mlflow.db``). A server
-(``http://...``) or any other store MLflow takes keeps its own artifact location. The run is made with
+is a store like a server's: ``mlflow ui --backend-store-uri sqlite:///<run dir>/mlflow.db``). Another
+``sqlite:///<path>`` (one store for many runs) keeps the artifacts of the experiments it makes beside that
+file, in ``mlflow_artifacts``; a server (``http://...``) keeps its own artifact location. The run is made with
 ``MlflowClient`` (no global active run): the hyperparameters as params at the start, every scalar as a
 metric at its step, the final metrics as ``final/<name>``, the pictures under ``plots/`` and the
 model card and ``metrics.json`` as artifacts, and the run's end status (FINISHED, FAILED, KILLED). Its id is
@@ -39,12 +40,11 @@ class MlflowLogger(RunLogger):
 
         self.Metric, self.Param = Metric, Param
         run_dir = Path(run_dir).resolve()
-        local = tracking_uri is None
-        self.tracking_uri = f"sqlite:///{run_dir / 'mlflow.db'}" if local else tracking_uri
+        self.tracking_uri = tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found is not None else self.client.create_experiment(
-            experiment, artifact_location=(run_dir / "mlflow_artifacts").as_uri() if local else None)
+            experiment, artifact_location=artifact_root(self.tracking_uri))
         kept = recall_id(run_dir, self.name) if resumed_step else None
         if kept and kept.get("tracking_uri") == self.tracking_uri:
             self.run_id = kept["run_id"]
@@ -77,3 +77,12 @@ class MlflowLogger(RunLogger):
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite store's file (MLflow's default would be ./mlruns in
+    the working directory); None (the store's own default) for a server."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).resolve().parent / "mlflow_artifacts").as_uri()

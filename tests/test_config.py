@@ -165,7 +165,7 @@ def test_the_run_log_names_each_groups_choice():
         cfg = compose(config_name="train", overrides=["experiment=own_data", "loss=focal"], return_hydra_config=True)
     line = describe_choices(cfg.hydra.runtime.choices)
     assert line.startswith("data=custom data/augment=flip model=retinanet_r18_cpu model/anchors=paper loss=focal ")
-    assert line.endswith(" recipe=auto postprocess=default evaluation=default experiment=own_data")
+    assert line.endswith(" recipe=auto postprocess=default evaluation=default logger=tensorboard experiment=own_data")
     assert "hydra" not in line
 
 

@@ -298,5 +298,5 @@ def test_train_script_reports_bad_override_without_traceback(tmp_path):
     # the run log names each group's choice first: the CPU demo's defaults
     assert ("config groups: data=shapes data/augment=flip model=retinanet_r18_cpu model/anchors=paper loss=focal_cpu "
             "loss/matcher=paper optim=adamw schedule=cosine trainer=cpu recipe=none postprocess=default "
-            "evaluation=default\n") in proc.stderr + proc.stdout
+            "evaluation=default logger=tensorboard\n") in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr

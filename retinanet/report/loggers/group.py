@@ -24,7 +24,8 @@ BACKENDS = ("tensorboard", "csv", "mlflow", "wandb")
 
 
 class LoggerGroup:
-    """Every call goes to each logger, in order; ``close`` closes them all, whatever fails."""
+    """Every call goes to each logger, in order (an error of one stops the run: its files are then still
+    complete up to the last checkpoint); ``close`` closes them all, whatever fails."""
 
     def __init__(self, loggers: list[RunLogger], hparams: dict | None = None):
         self.loggers, self.hparams = list(loggers), dict(hparams or {})
@@ -62,15 +63,12 @@ class LoggerGroup:
             lg.log_artifacts(paths, Path(root))
 
     def close(self, status: str = "FINISHED") -> None:
-        failed = None
+        """Close every logger; one that fails is logged (the run's own files are complete by then)."""
         for lg in self.loggers:
             try:
                 lg.close(status)
-            except Exception as err:  # noqa: BLE001 - every logger gets closed; the first failure is raised after
+            except Exception as err:  # noqa: BLE001 - every logger gets closed, whatever one of them raises
                 log.warning("logger %s did not close cleanly: %s: %s", lg.name, type(err).__name__, err)
-                failed = failed or err
-        if failed is not None and status == "FINISHED":
-            raise failed
 
 
 def chosen_backends(cfg: DictConfig) -> list[str]:

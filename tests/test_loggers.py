@@ -119,6 +119,7 @@ def check_mlflow_run(out, summary, store, experiment="shapes"):
 
 def test_mlflow_logger_keeps_a_local_store_in_the_run_dir(micro, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (./mlruns)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
     summary = train(micro, out, "logger=mlflow")
     check_mlflow_run(out, summary, out.resolve() / "mlflow.db")
@@ -163,6 +164,16 @@ def test_mlflow_logger_continues_its_run_on_resume(tmp_path, mlflow_store):
     fresh = MlflowLogger(tmp_path, "e", uri)  # a fresh start in the same dir: a new run
     fresh.close()
     assert fresh.run_id != first.run_id
+
+
+def test_mlflow_logger_follows_mlflow_tracking_uri_when_none_is_given(tmp_path, mlflow_store, monkeypatch):
+    from retinanet.report.loggers.mlflow_run import MlflowLogger
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_store}")
+    logger = MlflowLogger(tmp_path, "env")
+    logger.close()
+    client, run_id = mlflow_client(tmp_path, mlflow_store)
+    assert run_id == logger.run_id and not (tmp_path / "mlflow.db").exists()
 
 
 def wandb_records(path):

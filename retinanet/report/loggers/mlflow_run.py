@@ -1,6 +1,7 @@
 """``logger=mlflow``: an MLflow run (extra ``[mlflow]``), in a local store under the run dir or on a server.
 
-``tracking_uri=null`` (the default): ``sqlite:///<run dir>/mlflow.db`` with the artifacts in
+``tracking_uri=null`` (the default): the ``MLFLOW_TRACKING_URI`` environment variable if set (as MLflow reads
+it), else ``sqlite:///<run dir>/mlflow.db`` with the artifacts in
 ``<run dir>/mlflow_artifacts`` (MLflow 3 refuses its plain file store unless told otherwise; a sqlite file
 is a store like a server's: ``mlflow ui --backend-store-uri sqlite:///<run dir>/mlflow.db``). Another
 ``sqlite:///<path>`` (one store for many runs) keeps the artifacts of the experiments it makes beside that
@@ -15,6 +16,7 @@ checkpoint that were logged before the interruption then appear twice in MLflow'
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -40,7 +42,7 @@ class MlflowLogger(RunLogger):
 
         self.Metric, self.Param = Metric, Param
         run_dir = Path(run_dir).resolve()
-        self.tracking_uri = tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found is not None else self.client.create_experiment(

@@ -20,10 +20,10 @@ MODES = ("online", "offline", "disabled")
 class WandbLogger(RunLogger):
     name = "wandb"
 
-    def __init__(self, run_dir: str | Path, project: str, mode: str = "online", entity: str | None = None,
+    def __init__(self, run_dir: str | Path, project: str, mode: str | None = None, entity: str | None = None,
                  run_name: str | None = None, resumed_step: int = 0):
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {list(MODES)} (or null: W&B's default)")
         if not isinstance(project, str) or not project:
             raise ValueError(f"project={project!r} must be a non-empty name")
         wandb = import_backend("wandb", "wandb", "wandb")

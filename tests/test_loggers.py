@@ -166,6 +166,23 @@ def test_mlflow_logger_continues_its_run_on_resume(tmp_path, mlflow_store):
     assert fresh.run_id != first.run_id
 
 
+def test_a_resumed_run_continues_its_csv_rows_and_its_mlflow_run(micro, mlflow_store, tmp_path):
+    out = tmp_path / "run"
+    loggers = ["logger=[csv,mlflow]", f"logger.tracking_uri=sqlite:///{mlflow_store}", "logger.experiment=resumed"]
+    train(micro, out, *loggers)
+    client, first_id = mlflow_client(out, mlflow_store)
+    summary = train(micro, out, *loggers, "trainer.epochs=2", "trainer.resume=auto")  # 4 more steps, same dir
+    client, run_id = mlflow_client(out, mlflow_store)
+    assert run_id == first_id and client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 9))
+    assert [m.step for m in client.get_metric_history(run_id, "val/AP")] == [4, 8]
+    assert client.get_run(run_id).data.metrics["final/AP"] == pytest.approx(summary["final"]["stats"]["AP"])
+    with (out / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(1, 9))
+    assert [int(r["step"]) for r in rows if r["final/AP"]] == [4, 8]  # each finished leg's final row
+
+
 def test_mlflow_logger_follows_mlflow_tracking_uri_when_none_is_given(tmp_path, mlflow_store, monkeypatch):
     from retinanet.report.loggers.mlflow_run import MlflowLogger
 

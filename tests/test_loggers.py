@@ -281,3 +281,22 @@ def test_a_missing_optional_package_names_the_extra(tmp_path, monkeypatch):
 def test_bad_logger_settings_are_refused_by_name(micro, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(micro, tmp_path / "run", *overrides)
+
+
+def test_only_rank_0_opens_loggers(tmp_path, monkeypatch):
+    from retinanet import distributed
+    from retinanet.report.loggers.group import open_loggers
+
+    cfg = compose_train(["logger=[tensorboard,csv]"])
+    monkeypatch.setattr(distributed, "info", lambda: distributed.DistInfo(rank=1, local_rank=1, world_size=2))
+    other = open_loggers(cfg, tmp_path, {})
+    other.log_scalars({"train/loss": 1.0}, 1)
+    other.close()
+    assert other.loggers == [] and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(distributed, "info", lambda: distributed.DistInfo())
+    curves = {}
+    main = open_loggers(cfg, tmp_path, curves)
+    main.log_scalars({"train/loss": 1.0}, 1)
+    main.close()
+    assert main.names == ["curves", "tensorboard", "csv"] and curves == {"loss": [[1, 1.0]]}
+    assert (tmp_path / "metrics.csv").is_file() and list((tmp_path / "tensorboard").iterdir())

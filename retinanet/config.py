@@ -126,13 +126,16 @@ def known_keys(group: str) -> frozenset[str]:
 
 def check_unknown_keys(cfg: DictConfig) -> None:
     """Refuse keys no component reads: e.g. ``+trainer.epoch=3`` (Hydra accepts a new key with ``+``)."""
-    for group in ("trainer", "data", "evaluation"):
+    for group in ("trainer", "data", "evaluation", "logger"):
+        if group not in cfg:  # logger=[]: no logger
+            continue
         present = _keys(OmegaConf.to_container(cfg[group], resolve=False))
         unknown = sorted(present - known_keys(group))
         if unknown:
             raise ConfigError(f"{group}.{unknown[0]} is not a setting of {group} (nothing reads it): check the "
                               f"spelling; `retinanet-train --cfg job` lists every key")
-    top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", "evaluation", *BUILT_GROUPS} - {"seed", "device"}
+    top = set(cfg.keys()) - {"trainer", "data", "model", "recipe", "evaluation", "logger", *BUILT_GROUPS} - \
+        {"seed", "device"}
     if top:
         raise ConfigError(f"{sorted(top)[0]} is not a setting of the training config (nothing reads it)")
     model_keys = set(cfg.model.keys()) - {"name", "init_from", "net", "anchors"}
@@ -149,9 +152,12 @@ def _train_loop(cfg: DictConfig) -> None:
     _number(cfg, "trainer.ema.decay", 0, 1, allow_none=True, lo_open=True)
     if cfg.trainer.ema.decay is not None and cfg.trainer.ema.decay >= 1:
         raise ConfigError(f"trainer.ema.decay={cfg.trainer.ema.decay} must be < 1 (e.g. 0.9998), or null for no EMA")
-    for key in ("aspect_ratio_grouping", "sync_bn", "deterministic", "channels_last", "progress", "compile"):
+    for key in ("aspect_ratio_grouping", "sync_bn", "deterministic", "channels_last", "compile"):
         if not isinstance(cfg.trainer[key], bool):
             raise ConfigError(f"trainer.{key}={cfg.trainer[key]!r} must be true or false")
+    if cfg.trainer.progress not in (True, False, "auto"):
+        raise ConfigError(f"trainer.progress={cfg.trainer.progress!r} must be auto, true or false")
+    _number(cfg, "trainer.log_every_seconds", 0, lo_open=True)
     resume = cfg.trainer.resume
     if resume is not None and not isinstance(resume, str):
         raise ConfigError(f"trainer.resume={resume!r} must be null, auto or the path of a checkpoint")

@@ -10,7 +10,7 @@ step (one all-reduce, read back by name), so every rank takes the same decision 
 or a stop request (SIGTERM) and logs the global loss. Each step returns a ``StepResult``.
 
 An epoch: ``train_one_epoch`` advances the run's ``TrainState`` step by step (its step, bad steps and
-position in the epoch), writes the per-step TensorBoard scalars, asks the run's plan
+position in the epoch), gives the per-step scalars to the run's loggers, asks the run's plan
 (``retinanet.budget.RunPlan``) after every step whether the run's steps are done, writes the mid-epoch
 checkpoints, and returns an ``EpochResult``: the epoch's metrics (what ``metrics.json`` records) and
 why it ended (``EpochEnd``).
@@ -268,14 +268,16 @@ def _sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, total))
 
 
-def train_one_epoch(train_step: TrainStep, loader, state, plan: RunPlan | None = None, *, writer=None,
+def train_one_epoch(train_step: TrainStep, loader, state, plan: RunPlan | None = None, *, loggers=None,
                     log_every: int = 1, checkpointer=None, checkpoint_every: int = 0,
-                    stop_requested: Callable[[], bool] | None = None, show_progress: bool = True) -> EpochResult:
+                    stop_requested: Callable[[], bool] | None = None, show_progress: bool = True,
+                    progress_log=None) -> EpochResult:
     """Train epoch ``state.epoch`` over ``loader`` from where ``state`` (a ``TrainState``) stands: its
     ``progress`` says how many batches of the epoch a resumed run already trained.
 
     Every step advances ``state`` (``step``, ``bad_steps``, ``progress``, the plan); then the
-    TensorBoard scalars every ``log_every`` steps (``writer``: rank 0's, else None), the plan
+    per-step scalars every ``log_every`` steps (``loggers``: rank 0's ``LoggerGroup``, else None), a progress
+    line when ``progress_log`` (``retinanet.report.progress.ProgressLog``) says it is time, the plan
     (``plan.after_step``: are the run's steps done? ``plan=None``: the epoch runs to the loader's end) and
     ``last.pt`` every ``checkpoint_every`` steps inside the epoch (``checkpointer``). A stop request
     (``stop_requested()`` on any rank) ends the epoch after the step.
@@ -298,7 +300,9 @@ def train_one_epoch(train_step: TrainStep, loader, state, plan: RunPlan | None =
             progress.count(result, seconds0 + time.perf_counter() - t0)
             bar.set_postfix(loss=f"{result.terms['loss']:.3f}", cls=f"{result.terms['loss_cls']:.3f}",
                             box=f"{result.terms['loss_box']:.3f}", lr=f"{result.lr:.2e}")
-            _log_step(writer, result, log_every)
+            _log_step(loggers, result, epoch, log_every)
+            if progress_log is not None:
+                progress_log.after_step(result, epoch, seconds_before + progress.seconds)
             done = False
             if plan is not None:  # re-planned from the pace, the same on every rank
                 done = plan.after_step(result.step, seconds_before + progress.seconds)
@@ -314,12 +318,11 @@ def train_one_epoch(train_step: TrainStep, loader, state, plan: RunPlan | None =
     return EpochResult(progress.metrics(), EpochEnd.COMPLETE)
 
 
-def _log_step(writer, result: StepResult, log_every: int) -> None:
-    """The step's TensorBoard scalars, every ``log_every`` steps (rank 0: ``writer`` is None elsewhere)."""
-    if writer is None or result.step % log_every:
+def _log_step(loggers, result: StepResult, epoch: int, log_every: int) -> None:
+    """The step's scalars to the loggers, every ``log_every`` steps (rank 0: ``loggers`` is None elsewhere)."""
+    if loggers is None or result.step % log_every:
         return
-    for k in TERMS:
-        writer.add_scalar(f"train/{k}", result.terms[k], result.step)
-    writer.add_scalar("train/lr", result.lr, result.step)
-    writer.add_scalar("train/num_pos_per_image", result.num_pos / max(1, result.images), result.step)
-    writer.add_scalar("train/grad_norm", result.grad_norm, result.step)
+    scalars = {f"train/{k}": result.terms[k] for k in TERMS}
+    scalars.update({"train/lr": result.lr, "train/num_pos_per_image": result.num_pos / max(1, result.images),
+                    "train/grad_norm": result.grad_norm, "epoch": epoch})
+    loggers.log_scalars(scalars, result.step)

@@ -12,7 +12,8 @@ optimise; the EMA weights' AP when ``trainer.ema.decay`` is set). ``retinanet.tr
 composes the config from Python and calls ``fit``.
 
 Under ``torchrun`` every rank runs this same code: DDP model, sharded batches, sharded evaluation gathered
-on rank 0; rank 0 alone logs, writes TensorBoard, metrics and checkpoints. Evaluation is
+on rank 0; rank 0 alone logs, writes to the loggers (``retinanet.report.loggers``: the ``logger`` config group),
+metrics and checkpoints. Evaluation is
 ``retinanet.evaluation``, the device and precision ``retinanet.runtime``, checkpoints and resume
 ``retinanet.checkpoint``.
 """
@@ -42,7 +43,8 @@ from retinanet.evaluation import evaluate, format_metrics, judged_metrics
 from retinanet.files import atomic_write_json, remove_stale_temps
 from retinanet.model.init import init_from
 from retinanet.report import plots, provenance
-from retinanet.report.tensorboard import log_eval_visuals, log_hparams
+from retinanet.report.loggers.group import LoggerGroup, open_loggers
+from retinanet.report.progress import ProgressLog, bars_wanted, lines_wanted
 from retinanet.runtime import precision_setup, process_settings, resolve_device
 from retinanet.signals import StopSignal
 
@@ -124,19 +126,26 @@ def train_run(cfg: DictConfig, out_dir: Path, stop: StopSignal) -> TrainResult:
     t = cfg.trainer
     plan = plan_run(parts.train_step.scheduler, parts.steps_per_epoch, t.epochs, t.time_limit, state.budget,
                     state.planned_steps, spent_s=train_seconds(state.history) + state.progress.seconds)
-    writer = open_writer(out_dir, state)
+    loggers = open_loggers(cfg, out_dir, state.curves, state.step)
+    progress_log = ProgressLog(t.log_every_seconds, plan) if lines_wanted(t.progress) and \
+        distributed.info().is_main else None
+    status = "FAILED"
     try:
         while state.step < plan.total:
-            run_epoch(cfg, state, parts, plan, stop, writer)
+            run_epoch(cfg, state, parts, plan, stop, loggers, progress_log)
         evaluated = [e for e in state.history if "val" in e]
-        if writer is not None and evaluated:  # the HParams tab: this run's settings with its final numbers
-            log_hparams(writer, cfg, judged_metrics(evaluated[-1]), step=state.step)
+        if evaluated:  # this run's settings with its final numbers (TensorBoard's HParams tab)
+            loggers.log_final(judged_metrics(evaluated[-1]), state.step)
+        result = finish(cfg, state, out_dir, parts, plan, loggers)
+        status = "FINISHED"
+        return result
+    except SystemExit:  # a signal: last.pt saved, the run continues on resume
+        status = "KILLED"
+        raise
     finally:
-        if writer is not None:
-            writer.close()
+        loggers.close(status)
         parts.train_loader.shutdown()  # the worker processes end with the run
         parts.val_loader.shutdown()
-    return finish(cfg, state, out_dir, parts, plan)
 
 
 def prepare(cfg: DictConfig, out_dir: Path, device: torch.device) -> dict:
@@ -249,25 +258,17 @@ def start_state(cfg: DictConfig, parts: Parts, out_dir: Path) -> TrainState:
     return parts.checkpointer.load(path) if path is not None else TrainState()
 
 
-def open_writer(out_dir: Path, state: TrainState):
-    """Rank 0's TensorBoard writer, also keeping the per-step curves of ``plots/loss_lr.png`` in ``state.curves``;
-    None on the other ranks."""
-    if not distributed.info().is_main:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # imported late: slow import
-
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
-    return plots.RecordingWriter(writer, state.curves)
-
-
-def run_epoch(cfg: DictConfig, state: TrainState, parts: Parts, plan: RunPlan, stop: StopSignal, writer) -> None:
+def run_epoch(cfg: DictConfig, state: TrainState, parts: Parts, plan: RunPlan, stop: StopSignal,
+              loggers: LoggerGroup, progress_log: ProgressLog | None = None) -> None:
     """Epoch ``state.epoch`` from where ``state`` is: train, evaluate when due, checkpoint. A signal: ``last.pt``
     saved, then ``SystemExit``."""
     t, epoch = cfg.trainer, state.epoch
     parts.train_loader.batch_sampler.set_epoch(epoch, skip=state.progress.batches)
-    result = train_one_epoch(parts.train_step, parts.train_loader, state, plan, writer=writer, log_every=t.log_every,
-                             checkpointer=parts.checkpointer, checkpoint_every=t.checkpoint_every_steps,
-                             stop_requested=stop.requested, show_progress=t.progress and distributed.info().is_main)
+    bars = bars_wanted(t.progress) and distributed.info().is_main
+    result = train_one_epoch(parts.train_step, parts.train_loader, state, plan, loggers=loggers,
+                             log_every=t.log_every, checkpointer=parts.checkpointer,
+                             checkpoint_every=t.checkpoint_every_steps, stop_requested=stop.requested,
+                             show_progress=bars, progress_log=progress_log)
     if result.end is EpochEnd.STOPPED:
         parts.checkpointer.save(state, epoch_complete=False)
         log.warning("stopped by a signal at step %d (epoch %d, %d of %d batches): saved %s; continue with "
@@ -282,7 +283,7 @@ def run_epoch(cfg: DictConfig, state: TrainState, parts: Parts, plan: RunPlan, s
     entry = {"epoch": epoch, "step": state.step, "train": m, "bad_steps": state.bad_steps}
     if last or (t.eval_every and epoch % t.eval_every == 0):
         try:
-            evaluate_epoch(entry, parts, writer, t.progress, cfg.evaluation.backend)
+            evaluate_epoch(entry, parts, loggers, bars, cfg.evaluation.backend)
         except Exception as err:  # the training is kept: saved without this evaluation, then the error
             end_epoch(state, entry, parts.checkpointer, t.keep_last)
             raise evaluation_failed(err, epoch, parts.checkpointer.last) from err
@@ -292,8 +293,10 @@ def run_epoch(cfg: DictConfig, state: TrainState, parts: Parts, plan: RunPlan, s
         raise SystemExit(stop.exit_code())
 
 
-def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool, backend: str = "pycocotools") -> None:
-    """Evaluate the weights (and the EMA weights) into ``entry``; curves and pictures to TensorBoard."""
+def evaluate_epoch(entry: dict, parts: Parts, loggers: LoggerGroup, progress: bool,
+                   backend: str = "pycocotools") -> None:
+    """Evaluate the weights (and the EMA weights) into ``entry``; its numbers (and what they draw of it) to the
+    loggers."""
     nets = [("val", parts.detector)]
     if parts.ema is not None:
         nets.append(("val_ema", parts.detector.with_model(parts.ema.module)))
@@ -302,12 +305,7 @@ def evaluate_epoch(entry: dict, parts: Parts, writer, progress: bool, backend: s
                           progress=progress and distributed.info().is_main, desc=key, backend=backend)
         entry[key] = result.metrics
         parts.evaluations[key] = result
-        if writer is not None:
-            for name, value in {**result.metrics["stats"], **result.metrics["loss"]}.items():
-                if value is not None:
-                    writer.add_scalar(f"{key}/{name}", value, entry["step"])
-            log_eval_visuals(writer, entry["step"], parts.val_set, result.detections, result.image_ids,
-                             result.metrics, result.precision, prefix=key)
+        loggers.log_evaluation(key, entry["step"], result, parts.val_set, entry["epoch"])
         stats = result.metrics["stats"]
         log.info("epoch %d: %s AP %s AP50 %s", entry["epoch"], "val" if key == "val" else "val (EMA weights)",
                  _fmt(stats["AP"]), _fmt(stats["AP50"]))
@@ -350,8 +348,10 @@ def judged_ap(entry: dict) -> float | None:
     return None if val is None or val["stats"]["AP"] is None else float(val["stats"]["AP"])
 
 
-def finish(cfg: DictConfig, state: TrainState, out_dir: Path, parts: Parts, plan: RunPlan) -> TrainResult:
-    """Final metrics.json, printed summary and pictures (rank 0); the result on every rank."""
+def finish(cfg: DictConfig, state: TrainState, out_dir: Path, parts: Parts, plan: RunPlan,
+           loggers: LoggerGroup | None = None) -> TrainResult:
+    """Final metrics.json, printed summary and pictures (rank 0), which go to the loggers with the model card;
+    the result on every rank."""
     evaluated = [e for e in state.history if "val" in e]
     if not evaluated:
         raise ConfigError(f"trainer.resume: the run in {out_dir} has already trained all its steps but holds no "
@@ -360,11 +360,15 @@ def finish(cfg: DictConfig, state: TrainState, out_dir: Path, parts: Parts, plan
     if distributed.info().is_main:
         summary = write_summary(cfg, state, out_dir, last)
         print_summary(cfg, state, parts.val_set, last, summary, timed=plan.budget is not None)
+        pictures = []
         if cfg.evaluation.plots.enabled:
             p = cfg.evaluation.plots
             final = parts.evaluations.get("val_ema" if "val_ema" in last else "val")
-            plots.write_run_plots(out_dir / "plots", state.history, state.curves, final, parts.val_set,
-                                  p.score_thresh, p.iou_thresh, p.num_images)
+            pictures = plots.write_run_plots(out_dir / "plots", state.history, state.curves, final, parts.val_set,
+                                             p.score_thresh, p.iou_thresh, p.num_images)
+        if loggers is not None:
+            loggers.log_artifacts([*pictures, *(out_dir / n for n in ("model_card.md", "model_card.json",
+                                                                      "metrics.json", "config.yaml"))], out_dir)
         print(f"outputs: {out_dir}")
     best = out_dir / "best.pt"
     return TrainResult(out_dir, best if best.is_file() else None, out_dir / "last.pt", judged_metrics(last))

@@ -166,7 +166,7 @@ def test_the_run_log_names_each_groups_choice():
         cfg = compose(config_name="train", overrides=["experiment=own_data", "loss=focal"], return_hydra_config=True)
     line = describe_choices(cfg.hydra.runtime.choices)
     assert line.startswith("data=custom data/augment=flip model=retinanet_r18_cpu model/anchors=paper loss=focal ")
-    assert line.endswith(" recipe=auto postprocess=default evaluation=default experiment=own_data")
+    assert line.endswith(" recipe=auto postprocess=default evaluation=default logger=tensorboard experiment=own_data")
     assert "hydra" not in line
 
 
@@ -299,5 +299,5 @@ def test_train_script_reports_bad_override_without_traceback(tmp_path):
     # the run log names each group's choice first: the CPU demo's defaults
     assert ("config groups: data=shapes data/augment=flip model=retinanet_r18_cpu model/anchors=paper loss=focal_cpu "
             "loss/matcher=paper optim=adamw schedule=cosine trainer=cpu recipe=none postprocess=default "
-            "evaluation=default\n") in proc.stderr + proc.stdout
+            "evaluation=default logger=tensorboard\n") in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr

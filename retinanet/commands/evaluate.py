@@ -23,6 +23,7 @@ from retinanet.errors import ConfigError
 from retinanet.evaluation import evaluate, format_metrics, to_coco_results
 from retinanet.files import atomic_write_json
 from retinanet.report.plots import write_evaluation_plots
+from retinanet.report.progress import bars_wanted
 
 
 def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
@@ -43,7 +44,7 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     batch_size = cfg.batch_size or detector.config.get("trainer", {}).get("eval_batch_size", 8)
     loader = build_loader(dataset, batch_size, False, cfg.num_workers, detector.size_divisible, 0,
                           detector.device.type == "cuda")
-    result = evaluate(detector, loader, dataset, progress=cfg.progress, desc="evaluate", category_ids=cat_ids,
+    result = evaluate(detector, loader, dataset, progress=bars_wanted(cfg.progress), desc="evaluate", category_ids=cat_ids,
                       backend=cfg.evaluation.backend)
     results = to_coco_results(result.detections, result.image_ids, cat_ids)
     out_dir = Path(out_dir)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from retinanet.cli import command_line_values, run_or_exit
 from retinanet.deploy.infer import infer, load_detector, summary
 from retinanet.deploy.inputs import find_inputs
+from retinanet.report.progress import bars_wanted
 
 
 def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
@@ -40,7 +41,7 @@ def run(cfg: DictConfig, out_dir, postprocess: dict | None = None) -> dict:
     detector = load_detector(cfg.checkpoint, cfg.device, cfg.eval_min_size, cfg.eval_max_size, post, cfg.precision)
     result = infer(detector, images, videos, out_dir, skipped=skipped, checkpoint=str(cfg.checkpoint), specs=specs,
                    batch_size=cfg.batch_size, num_workers=cfg.num_workers, render=cfg.render,
-                   render_score_thresh=cfg.render_score_thresh, progress=cfg.progress)
+                   render_score_thresh=cfg.render_score_thresh, progress=bars_wanted(cfg.progress))
     print(summary(result, out_dir, cfg.render))
     return result
 

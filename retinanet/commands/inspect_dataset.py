@@ -28,6 +28,7 @@ from retinanet.data.build import build_dataset
 from retinanet.data.statistics import anchor_coverage, dataset_statistics, format_report, suggested_alpha
 from retinanet.errors import ConfigError
 from retinanet.files import atomic_write_json
+from retinanet.report.progress import bars_wanted
 from retinanet.report.visualize import render_samples
 from retinanet.runtime import resolve_device
 
@@ -46,7 +47,7 @@ def run(cfg: DictConfig, out_dir) -> dict:
     stats = dataset_statistics(dataset)
     anchors, matcher = instantiate(cfg.model.anchors), instantiate(cfg.loss.matcher)
     coverage = anchor_coverage(dataset, anchors, matcher, cfg.data.min_size, cfg.data.max_size,
-                               cfg.data.size_divisible, cfg.max_images, cfg.progress)
+                               cfg.data.size_divisible, cfg.max_images, bars_wanted(cfg.progress))
     alpha = suggested_alpha(dataset)
     print(f"\n{dataset.ann_file}\n" + format_report(stats, coverage, alpha))
     if choices:

@@ -4,7 +4,7 @@
 ``retinanet-evaluate``; both write into ``<run>/plots/`` (docs/run_outputs.md lists the files):
 
 - ``loss_lr.png``: loss, loss_cls, loss_box and the learning rate over steps (the values logged to
-  TensorBoard every ``trainer.log_every`` steps, kept by ``RecordingWriter``), with the epoch means and
+  loggers every ``trainer.log_every`` steps, kept by ``loggers.curves.CurveRecorder``), with the epoch means and
   the validation loss as markers;
 - ``ap_history.png``: AP and AP50 of every evaluated epoch (``metrics.json``'s history);
 - ``pr_curves_iou50.png``: per-class precision-recall at IoU 0.5 (area all, 100 detections), from
@@ -31,24 +31,6 @@ log = logging.getLogger(__name__)
 
 CURVE_TAGS = {"train/loss": "loss", "train/loss_cls": "loss_cls", "train/loss_box": "loss_box", "train/lr": "lr"}
 TERM_COLORS = {"loss": "black", "loss_cls": "tab:blue", "loss_box": "tab:orange"}
-
-
-class RecordingWriter:
-    """A TensorBoard ``SummaryWriter`` that also keeps the scalars of ``CURVE_TAGS`` in ``curves``
-    (``{"loss": [[step, value], ...], ...}``, the trainer's ``TrainState.curves``, checkpointed): the loss and
-    learning-rate picture shows exactly what TensorBoard shows, without reading event files. Everything
-    else goes to the wrapped writer unchanged."""
-
-    def __init__(self, writer, curves: dict):
-        self.writer, self.curves = writer, curves
-
-    def add_scalar(self, tag, scalar_value, global_step=None, *args, **kwargs):
-        if tag in CURVE_TAGS and global_step is not None:
-            self.curves.setdefault(CURVE_TAGS[tag], []).append([int(global_step), float(scalar_value)])
-        return self.writer.add_scalar(tag, scalar_value, global_step, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.writer, name)
 
 
 def _figure(width: float, height: float):

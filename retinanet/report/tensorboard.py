@@ -12,26 +12,21 @@ Tags (``val`` becomes ``val_ema`` for the EMA weights' evaluation):
   100 detections), from ``COCOeval.eval["precision"]``;
 - ``val_ap/<class>``: per-class AP@[.5:.95]; ``val/score_hist``: scores of all kept detections;
   ``val/detections_per_image``;
-- HParams tab: the hyperparameters of ``HPARAM_KEYS`` plus every command-line override, against
-  ``hparam/<COCO number>`` (the final values).
+- HParams tab: the hyperparameters (``retinanet.report.hparams``: the built groups, ``HPARAM_KEYS`` and every
+  command-line override), against ``hparam/<COCO number>`` (the final values).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from retinanet.evaluation import STAT_NAMES
+from retinanet.report.hparams import final_metrics, hparams_of
 from retinanet.report.visualize import draw_boxes
 
 GT_COLOR = (0, 230, 0)
 PRED_COLOR = (255, 40, 40)
-# shown in the HParams tab of every run: every setting of these built groups (whatever their _target_ takes) ...
-HPARAM_GROUPS = ("loss", "optim", "schedule")
-# ... and these keys of the run (missing keys are left out)
-HPARAM_KEYS = ("trainer.batch_size", "trainer.epochs", "trainer.time_limit", "model.name", "data.name",
-               "data.min_size", "seed")
 
 
 # ---------------------------------------------------------------- images
@@ -182,83 +177,25 @@ def log_eval_visuals(writer, step: int, dataset, detections: list[dict], image_i
 
 # ---------------------------------------------------------------- hyperparameters
 
-def _hparam_value(value):
-    """A TensorBoard hparam value: numbers and strings as they are, anything else (null, lists) as text."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float, str)):
-        return value
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    return "null" if value is None else str(value)
-
-
-def _override_items() -> list[tuple[str, str]]:
-    """``(key, value text)`` of the command-line overrides of the running Hydra job ([] outside Hydra)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = HydraConfig.get().overrides.task
-    except (ImportError, ValueError):
-        return []
-    items = []
-    for text in overrides:
-        key, _, value = str(text).partition("=")
-        if key.startswith("~") or key.lstrip("+").startswith("hydra."):
-            continue
-        items.append((key.lstrip("+"), value))
-    return items
-
-
-def _leaves(node, prefix: str) -> dict:
-    """``{dotted key: value}`` of every scalar setting under a config node (``_target_`` as the class name)."""
-    out = {}
-    for k, v in node.items():
-        key = f"{prefix}.{k}"
-        if isinstance(v, DictConfig):
-            out.update(_leaves(v, key))
-        elif k == "_target_":
-            out[key] = str(v).rsplit(".", 1)[-1]
-        else:
-            out[key] = _hparam_value(v)
-    return out
-
-
-def hparams_of(cfg: DictConfig, keys=HPARAM_KEYS, groups=HPARAM_GROUPS) -> dict:
-    """``{dotted key: value}`` for every setting of ``groups``, ``keys`` and every command-line override;
-    config groups chosen on the command line (``model=retinanet_r50``) appear with the chosen name."""
-    absent = object()
-    out = {}
-    for group in groups:
-        if isinstance(cfg.get(group), DictConfig):
-            out.update(_leaves(cfg[group], group))
-    for key in keys:
-        value = OmegaConf.select(cfg, key, default=absent)
-        if value is not absent:
-            out[key] = _hparam_value(value)
-    for key, text in _override_items():
-        value = OmegaConf.select(cfg, key, default=absent)
-        out[key] = text if value is absent or isinstance(value, DictConfig) else _hparam_value(value)
-    return out
-
-
 def log_hparams(writer, cfg: DictConfig, metrics: dict | None, step: int | None = None) -> dict:
-    """Record the run's hyperparameters with its final metrics for the HParams tab, in the run's own
-    event file (not a sub-run as ``SummaryWriter.add_hparams`` does), so each run dir is one session.
+    """Record the run's hyperparameters (``retinanet.report.hparams.hparams_of``) with its final metrics
+    (``metrics``: the final ``evaluate`` result; None: only the hyperparameters) for the HParams tab
+    (``write_hparams``). Returns the hparams dict."""
+    hp = hparams_of(cfg)
+    write_hparams(writer, hp, final_metrics(metrics), step)
+    return hp
+
+
+def write_hparams(writer, hp: dict, final: dict[str, float], step: int | None = None) -> None:
+    """``hp`` against ``final`` (``{AP: .., val_loss: ..}``, as ``hparam/<name>``) in the run's own event file
+    (not a sub-run as ``SummaryWriter.add_hparams`` does), so each run dir is one session.
 
     Only the session start / end records are written, no experiment record: TensorBoard then builds
     the table from all sessions (the union of their hyperparameters, every scalar as a metric),
-    whereas with one experiment record per run it would pick one run's columns arbitrarily.
-    ``metrics`` is the final ``evaluate`` result (None: only the hyperparameters are logged).
-    Returns the hparams dict."""
+    whereas with one experiment record per run it would pick one run's columns arbitrarily."""
     from torch.utils.tensorboard.summary import hparams
 
-    hp = hparams_of(cfg)
-    stats = (metrics or {}).get("stats", {})
-    metric_values = {f"hparam/{name}": float(stats[name]) for name in STAT_NAMES if stats.get(name) is not None}
-    val_loss = (metrics or {}).get("loss", {}).get("loss")
-    if val_loss is not None:
-        metric_values["hparam/val_loss"] = float(val_loss)
+    metric_values = {f"hparam/{name}": value for name, value in final.items()}
     _, start, end = hparams(hp, metric_values)
     file_writer = writer._get_file_writer()
     for summary in (start, end):
@@ -266,4 +203,3 @@ def log_hparams(writer, cfg: DictConfig, metrics: dict | None, step: int | None 
     for tag, value in metric_values.items():
         writer.add_scalar(tag, value, step)
     writer.flush()
-    return hp
